@@ -1,0 +1,443 @@
+"""The KOALA filter as functions over tensor lists: the math behind `koala.KoalaV` and `koala.KoalaM`.
+
+Symbols follow koala-method.md (the paper's notation) and are mapped once here:
+
+    x_b, p_b   block weights and posterior velocities (one block = one parameter tensor)
+    g_b        raw gradient;  a_b = g_b + lam x_b the augmented gradient;  G_b = |a_b|^2
+    L, m2      mean and mean square of the per-sample losses of this minibatch
+    R          measurement noise (EMA of m2), s / P the state covariance (scalar for V, 2x2 for M)
+    gap_b      lr * (L + lam/2 |x_b|^2): the loss gap of target scheme (b)
+
+Everything here is sync-free: the skip rule is a mask, per-block coefficients stay on the device as 0-d tensors and
+the learning rate enters as a Python scalar. Each variant has a readable single-tensor path (a loop over tensors,
+the reference) and a multi-tensor path (`torch._foreach_*` over batches of tensors grouped by device and dtype). On
+the CPU the multi-tensor path also splits large tensors into cache-sized flat segments, so that the several
+elementwise passes of one step reuse data from cache instead of streaming every tensor from memory once per pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Raw-gradient norm below which a block is not updated (official code, departure D6).
+GRADIENT_THRESHOLD = 1e-9
+#: EMA coefficient of the weight average x_avg and of the process noise qx (hard-coded in the official code).
+AVERAGE_DECAY = 0.9
+#: Elements per CPU segment: a few tensors of this size fit in the L2/L3 caches between passes.
+CPU_SEGMENT_NUMEL = 1 << 18
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """Accumulation dtype for norms of `dtype` tensors: float32 for half types (fp16 overflows at 65504)."""
+    return torch.float32 if dtype in _HALF_DTYPES else None
+
+
+@dataclass
+class Blocks:
+    """The tensors of one step. Block b is `params[b]`; `grads[b]` is None when it has no gradient."""
+
+    params: list[Tensor]
+    grads: list[Tensor | None]
+    lrs: list[float]
+    weight_decays: list[float]
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
+@dataclass
+class Measurement:
+    """What one step observes, as float64 tensors on the filter device."""
+
+    loss: Tensor  # L, 0-d
+    loss_second_moment: Tensor  # m2, 0-d
+    grad_norms: Tensor  # |g_b|, shape (B,); 0 for blocks without gradient
+    augmented_sq_norms: Tensor  # G_b, shape (B,)
+    l2_terms: Tensor  # lam_b / 2 |x_b|^2, shape (B,)
+    has_grad: Tensor  # bool (B,)
+
+    @property
+    def finite(self) -> Tensor:
+        """0-d bool: every statistic is finite (NaN/inf anywhere skips the whole step)."""
+        stats = torch.cat(
+            (
+                torch.stack((self.loss, self.loss_second_moment)),
+                self.grad_norms,
+                self.augmented_sq_norms,
+                self.l2_terms,
+            )
+        )
+        return torch.isfinite(stats).all()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Measurement: loss statistics and block norms
+
+
+def loss_moments(loss: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[sum, sum of squares, count] of the (per-sample or 0-d) loss, in `dtype` on `device`."""
+    values = loss.detach().reshape(-1).to(device=device, dtype=dtype)
+    total = values.sum()
+    return torch.stack((total, values.square().sum(), torch.full_like(total, values.numel())))
+
+
+def measure_single_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.device) -> Measurement:
+    """Reference path: one norm per tensor."""
+    dtype = moments.dtype
+    grad_norms, augmented, l2 = [], [], []
+    for x, g, lam in zip(blocks.params, blocks.grads, blocks.weight_decays, strict=True):
+        acc = norm_dtype(x.dtype)
+        if g is None:
+            zero = torch.zeros((), device=filter_device, dtype=dtype)
+            grad_norms.append(zero)
+            augmented.append(zero)
+            l2.append(zero)
+            continue
+        g_norm = torch.linalg.vector_norm(g, dtype=acc).to(filter_device, dtype)
+        grad_norms.append(g_norm)
+        if lam != 0:
+            a = g.add(x, alpha=lam)
+            augmented.append(torch.linalg.vector_norm(a, dtype=acc).to(filter_device, dtype).square())
+            l2.append(torch.linalg.vector_norm(x, dtype=acc).to(filter_device, dtype).square() * (lam / 2))
+        else:
+            augmented.append(g_norm.square())
+            l2.append(torch.zeros_like(g_norm))
+    return _measurement(moments, grad_norms, augmented, l2, blocks, filter_device)
+
+
+def measure_multi_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.device) -> Measurement:
+    """Fast path: `torch._foreach_norm` over batches; norms of segmented tensors are summed back per block."""
+    nblocks = len(blocks)
+    dtype = moments.dtype
+    grad_sq = torch.zeros(nblocks, device=filter_device, dtype=dtype)
+    augmented = torch.zeros_like(grad_sq)
+    weight_sq = torch.zeros_like(grad_sq)
+    for batch in segment_batches(blocks, with_grad=True):
+        acc = norm_dtype(batch.params[0].dtype)
+        g_sq = _stacked_sq_norms(batch.grads, acc, filter_device, dtype)
+        _accumulate(grad_sq, batch, g_sq)
+        if batch.weight_decay != 0:
+            a = torch._foreach_add(batch.grads, batch.params, alpha=batch.weight_decay)
+            _accumulate(augmented, batch, _stacked_sq_norms(a, acc, filter_device, dtype))
+            _accumulate(weight_sq, batch, _stacked_sq_norms(batch.params, acc, filter_device, dtype))
+        else:
+            _accumulate(augmented, batch, g_sq)
+    # lam/2 |x_b|^2: Python scalars enter through one multiply per distinct value (no host-to-device copy).
+    l2 = torch.zeros_like(weight_sq)
+    for lam in set(blocks.weight_decays) - {0.0}:
+        mask = mask_from_flags([w == lam for w in blocks.weight_decays], filter_device)
+        l2 = torch.where(mask, weight_sq * (lam / 2), l2)
+    return Measurement(
+        loss=moments[0] / moments[2],
+        loss_second_moment=moments[1] / moments[2],
+        grad_norms=grad_sq.sqrt(),
+        augmented_sq_norms=augmented,
+        l2_terms=l2,
+        has_grad=mask_from_flags([g is not None for g in blocks.grads], filter_device),
+    )
+
+
+def _measurement(
+    moments: Tensor,
+    grad_norms: list[Tensor],
+    augmented: list[Tensor],
+    l2: list[Tensor],
+    blocks: Blocks,
+    filter_device: torch.device,
+) -> Measurement:
+    return Measurement(
+        loss=moments[0] / moments[2],
+        loss_second_moment=moments[1] / moments[2],
+        grad_norms=torch.stack(grad_norms),
+        augmented_sq_norms=torch.stack(augmented),
+        l2_terms=torch.stack(l2),
+        has_grad=mask_from_flags([g is not None for g in blocks.grads], filter_device),
+    )
+
+
+def mask_from_flags(flags: Sequence[bool], device: torch.device) -> Tensor:
+    """A bool tensor from host flags, built on the device by slice fills: no host-to-device copy."""
+    mask = torch.zeros(len(flags), device=device, dtype=torch.bool)
+    # Runs of equal flags become slice fills: no tensor is built from host data.
+    start = 0
+    for b in range(1, len(flags) + 1):
+        if b == len(flags) or flags[b] != flags[start]:
+            if flags[start]:
+                mask[start:b] = True
+            start = b
+    return mask
+
+
+def _stacked_sq_norms(
+    tensors: Sequence[Tensor], acc: torch.dtype | None, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    norms = torch._foreach_norm(list(tensors), 2, dtype=acc)
+    return torch.stack(norms).to(device, dtype).square()
+
+
+def _accumulate(target: Tensor, batch: SegmentBatch, values: Tensor) -> None:
+    if batch.block_index is None:
+        target[batch.first_block : batch.first_block + len(values)] += values
+    else:
+        target.index_add_(0, batch.block_index, values)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Segmentation for the multi-tensor path
+
+
+@dataclass
+class SegmentBatch:
+    """Tensors (or flat segments of them) that one sequence of foreach calls processes together.
+
+    All come from one param group (one lr, one weight decay) and share device and dtype. `blocks[i]` is the block
+    that `params[i]` belongs to; `block_index` is the same as a tensor when segments and blocks differ, else None
+    (whole tensors of consecutive blocks starting at `first_block`).
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    blocks: list[int]
+    block_index: Tensor | None
+    first_block: int
+    lr: float
+    weight_decay: float
+    state: list[list[Tensor]]
+
+
+def segment_batches(
+    blocks: Blocks, *, with_grad: bool, state: Sequence[Sequence[Tensor]] = ()
+) -> Iterator[SegmentBatch]:
+    """Batches for the foreach calls: consecutive blocks of equal (device, dtype, lr, weight decay, grad presence).
+
+    On CUDA a batch holds whole tensors, so that foreach kernels see as many tensors as possible. On the CPU large
+    contiguous tensors are split into flat segments of `CPU_SEGMENT_NUMEL` and batches are capped at that size,
+    which keeps one batch's operands in cache across the passes of a step. `state` holds per-block state tensors
+    (velocity, weight average) that are segmented alongside.
+    """
+    current: SegmentBatch | None = None
+    key = None
+    for b, (x, g) in enumerate(zip(blocks.params, blocks.grads, strict=True)):
+        if (g is not None) != with_grad:
+            if current is not None:
+                yield _finish(current)
+                current = None
+            continue
+        on_cpu = x.device.type == "cpu"
+        new_key = (x.device, x.dtype, blocks.lrs[b], blocks.weight_decays[b])
+        pieces = _split(x, g, [s[b] for s in state]) if on_cpu else [(x, g, [s[b] for s in state])]
+        for px, pg, ps in pieces:
+            full = (
+                current is not None
+                and on_cpu
+                and sum(t.numel() for t in current.params) + px.numel() > CPU_SEGMENT_NUMEL
+            )
+            if current is None or new_key != key or full:
+                if current is not None:
+                    yield _finish(current)
+                key = new_key
+                current = SegmentBatch(
+                    params=[],
+                    grads=[],
+                    blocks=[],
+                    block_index=None,
+                    first_block=b,
+                    lr=blocks.lrs[b],
+                    weight_decay=blocks.weight_decays[b],
+                    state=[[] for _ in state],
+                )
+            current.params.append(px)
+            if pg is not None:
+                current.grads.append(pg)
+            current.blocks.append(b)
+            for column, t in zip(current.state, ps, strict=True):
+                column.append(t)
+    if current is not None:
+        yield _finish(current)
+
+
+def _split(x: Tensor, g: Tensor | None, state: list[Tensor]) -> list[tuple[Tensor, Tensor | None, list[Tensor]]]:
+    tensors = [x, *state] + ([g] if g is not None else [])
+    if x.numel() <= CPU_SEGMENT_NUMEL or not all(t.is_contiguous() for t in tensors):
+        return [(x, g, state)]
+    flat = [t.view(-1) for t in tensors]
+    out = []
+    for start in range(0, x.numel(), CPU_SEGMENT_NUMEL):
+        part = [t[start : start + CPU_SEGMENT_NUMEL] for t in flat]
+        out.append((part[0], part[-1] if g is not None else None, part[1 : 1 + len(state)]))
+    return out
+
+
+def _finish(batch: SegmentBatch) -> SegmentBatch:
+    consecutive = batch.blocks == list(range(batch.first_block, batch.first_block + len(batch.blocks)))
+    if not consecutive:
+        # Segments of one tensor map to the same block. Built on the CPU only (CUDA batches hold whole tensors).
+        batch.block_index = torch.tensor(batch.blocks, device=batch.params[0].device)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Filter math shared by both variants (float64 vectors over blocks)
+
+
+@dataclass
+class Gains:
+    """The masked outcome of update_k before the weights move (lr excluded: it multiplies at apply time)."""
+
+    finite: Tensor  # 0-d bool: every statistic is finite
+    take: Tensor  # 0-d bool: the step is taken (finite and at least one block passes the threshold)
+    updated: Tensor  # bool (B,): blocks updated this step
+    scaled_gaps: Tensor  # (B,): (L + l2_b) / S_b, zero where not updated. Gain of block b = lr * P^[.,1] * this
+    rho: Tensor  # 0-d: R / (s^ G* + R), the contraction of the covariance
+    h: Tensor  # 0-d: G* / (s^ G* + R), the eigenvalue approximation h~ (eq. 27)
+    noise: Tensor  # 0-d: R_k (unchanged on a skipped step)
+
+
+def gains(measurement: Measurement, prior_xx: Tensor, noise: Tensor, noise_decay: float | None) -> Gains:
+    """update_k up to the weight change: R_k, S_b = s^ G_b + R_k, the per-block gains and the covariance contraction.
+
+    `prior_xx` is s^_k (KOALA-V) or P^_k[1,1] (KOALA-M). `noise_decay` None means a fixed R (`noise` holds it).
+    """
+    m = measurement
+    finite = m.finite
+    updated = m.has_grad & (m.grad_norms >= GRADIENT_THRESHOLD) & finite
+    take = finite & updated.any()
+    if noise_decay is None:
+        new_noise = noise
+    else:
+        # R is an EMA of the loss second moment m2 (official rule, departure D4); masked so NaN never reaches it.
+        blended = noise_decay * noise + (1 - noise_decay) * m.loss_second_moment
+        new_noise = torch.where(take, blended, noise)
+    augmented = torch.where(updated, m.augmented_sq_norms, 0.0)
+    innovation = prior_xx * augmented + new_noise  # S_b
+    scaled_gaps = torch.where(updated, (m.loss + m.l2_terms) / innovation, 0.0)
+    # max_b G_b / S_b is reached at the largest G_b; this closed form keeps P positive (koala-method.md 8.1).
+    g_star = augmented.max()
+    denominator = prior_xx * g_star + new_noise
+    return Gains(
+        finite=finite,
+        take=take,
+        updated=updated,
+        scaled_gaps=scaled_gaps,
+        rho=new_noise / denominator,
+        h=g_star / denominator,
+        noise=new_noise,
+    )
+
+
+def guard_directions(directions: list[Tensor], finite: Tensor) -> list[Tensor]:
+    """Zero the update directions when the step is skipped for non-finite values.
+
+    A skipped step multiplies directions by a zero gain, but 0 * inf is NaN, so non-finite gradients must not reach
+    the weights. On the CPU the flag is read directly (there is no device to synchronise with, and the common finite
+    case costs nothing); on accelerators and under `torch.compile` a `torch.where` keeps the step sync-free.
+    """
+    if not directions:
+        return directions
+    if directions[0].device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(finite):
+            return directions
+        return [torch.zeros_like(d) for d in directions]
+    return [torch.where(finite, d, 0.0) for d in directions]
+
+
+def per_block(values: Tensor, blocks: Sequence[int], device: torch.device) -> list[Tensor]:
+    """0-d device tensors `values[b]` for the given blocks, on `device` (no host read)."""
+    if values.device != device:
+        values = values.to(device, non_blocking=True)
+    views = values.unbind()
+    return [views[b] for b in blocks]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Applying the step to the weights
+
+
+def apply_vanilla_single_tensor(blocks: Blocks, coefficients: Tensor, finite: Tensor) -> None:
+    """KOALA-V, reference path: x_b <- x_b - lr * coefficient_b * g_b (raw gradient direction, departure D3)."""
+    for b, (x, g) in enumerate(zip(blocks.params, blocks.grads, strict=True)):
+        if g is None:
+            continue
+        (direction,) = guard_directions([g], finite)
+        x.addcmul_(direction, per_block(coefficients, [b], x.device)[0], value=-blocks.lrs[b])
+
+
+def apply_vanilla_multi_tensor(blocks: Blocks, coefficients: Tensor, finite: Tensor) -> None:
+    """KOALA-V, fast path: one `_foreach_addcmul_` per batch."""
+    for batch in segment_batches(blocks, with_grad=True):
+        device = batch.params[0].device
+        directions = guard_directions(batch.grads, finite)
+        torch._foreach_addcmul_(
+            batch.params, directions, per_block(coefficients, batch.blocks, device), value=-batch.lr
+        )
+
+
+@dataclass
+class MomentumCoefficients:
+    """Per-block and global factors of one KOALA-M step (all device tensors)."""
+
+    weight_gains: Tensor  # (B,): P^[1,1] (L + l2_b) / S_b;  x_b -= lr * this * a_b
+    velocity_gains: Tensor  # (B,): P^[2,1] (L + l2_b) / S_b;  p_b -= lr * this * a_b
+    average_weights: Tensor  # (B,): 1 - AVERAGE_DECAY where the block is updated, else 0 (x_avg lerp weight)
+    velocity_decay: Tensor  # 0-d: kappa, or 1 on a skipped step
+    take: Tensor  # 0-d float: 1 when the step is taken, else 0 (gates the predict shift x += p)
+    finite: Tensor  # 0-d bool
+
+
+def apply_momentum_single_tensor(
+    blocks: Blocks, velocities: list[Tensor], averages: list[Tensor], c: MomentumCoefficients
+) -> Tensor:
+    """KOALA-M, reference path, over every block (blocks without gradient still get the predict shift).
+
+    With the posterior velocity p_k stored (koala-method.md section 4, item 9), one step does, per block:
+        p <- kappa p  [p^_k];  p <- p - lr Kp a;  x <- x - lr Kx a          (update_k, eqs. 59-60, direction a_b)
+        D = x - x_avg;  x_avg <- x_avg + w D                                (x_avg EMA of updated blocks, 50')
+        x <- x + p                                                          (predict_{k+1}: x^_{k+1} = x_k + p_k)
+    and returns sum_b |x_b - x_avg_b|^2 = sum_b (1 - w_b)^2 |D_b|^2, the weight drift of eq. 51' (squared).
+    """
+    drift = []
+    for b, (x, g, v, avg) in enumerate(zip(blocks.params, blocks.grads, velocities, averages, strict=True)):
+        v.mul_(c.velocity_decay)
+        if g is not None:
+            lam, lr = blocks.weight_decays[b], blocks.lrs[b]
+            (direction,) = guard_directions([g.add(x, alpha=lam) if lam != 0 else g], c.finite)
+            v.addcmul_(direction, per_block(c.velocity_gains, [b], x.device)[0], value=-lr)
+            x.addcmul_(direction, per_block(c.weight_gains, [b], x.device)[0], value=-lr)
+        difference = x - avg
+        weight = per_block(c.average_weights, [b], x.device)[0]
+        avg.addcmul_(difference, weight)
+        norm = torch.linalg.vector_norm(difference, dtype=norm_dtype(x.dtype))
+        drift.append((norm.to(c.take.device, c.take.dtype) * (1 - weight.to(c.take.device))).square())
+        x.addcmul_(v, c.take)
+    return torch.stack(drift).sum()
+
+
+def apply_momentum_multi_tensor(
+    blocks: Blocks, velocities: list[Tensor], averages: list[Tensor], c: MomentumCoefficients
+) -> Tensor:
+    """KOALA-M, fast path: the same passes as `apply_momentum_single_tensor`, as foreach calls per batch."""
+    drift = torch.zeros((), device=c.take.device, dtype=c.take.dtype)
+    for with_grad in (True, False):
+        for batch in segment_batches(blocks, with_grad=with_grad, state=(velocities, averages)):
+            x, (v, avg) = batch.params, batch.state
+            device = x[0].device
+            torch._foreach_mul_(v, c.velocity_decay.to(device))
+            if with_grad:
+                lam, lr = batch.weight_decay, batch.lr
+                direction = torch._foreach_add(batch.grads, x, alpha=lam) if lam != 0 else batch.grads
+                direction = guard_directions(direction, c.finite)
+                torch._foreach_addcmul_(v, direction, per_block(c.velocity_gains, batch.blocks, device), value=-lr)
+                torch._foreach_addcmul_(x, direction, per_block(c.weight_gains, batch.blocks, device), value=-lr)
+            difference = torch._foreach_sub(x, avg)
+            weights = per_block(c.average_weights, batch.blocks, device)
+            torch._foreach_addcmul_(avg, difference, weights)
+            norms = torch.stack(torch._foreach_norm(difference, 2, dtype=norm_dtype(x[0].dtype)))
+            kept = 1 - torch.stack(weights)
+            drift = drift + (norms.to(drift.device, drift.dtype) * kept.to(drift.device)).square().sum()
+            torch._foreach_addcmul_(x, v, [c.take.to(device)] * len(x))
+    return drift

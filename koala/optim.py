@@ -1,0 +1,497 @@
+"""`KoalaV` and `KoalaM`: KOALA as standard `torch.optim.Optimizer`s.
+
+The classes are thin glue in the style of `torch.optim.Adam`: validate, gather tensors, call the functional math in
+`koala.functional`. The filter's global quantities live, as float64 tensors, in the state of the first parameter
+(the layout of `torch.optim.LBFGS`), so `state_dict()` carries them and `load_state_dict()` moves them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from koala import functional as F
+
+Loss = Tensor
+Closure = Callable[[], Tensor]
+
+# Keys of the filter state stored under the first parameter.
+STEP = "step"  # accepted steps, float64 0-d
+COVARIANCE = "covariance"  # predicted covariance: s^ (0-d) for KOALA-V, P^ (2x2) for KOALA-M
+MEASUREMENT_NOISE = "measurement_noise"  # R, 0-d
+PROCESS_NOISE = "process_noise"  # qx, 0-d (KOALA-M)
+FILTER_KEYS = (STEP, COVARIANCE, MEASUREMENT_NOISE, PROCESS_NOISE)
+VELOCITY = "velocity"  # posterior velocity p_k (KOALA-M)
+WEIGHT_AVERAGE = "weight_average"  # x_avg (KOALA-M)
+
+_CALL_HINT = (
+    "pass the minibatch loss, e.g. `losses = F.cross_entropy(out, y, reduction='none'); "
+    "losses.mean().backward(); opt.step(loss=losses)`, or a closure that recomputes it: `opt.step(closure)`"
+)
+
+
+def _filter_dtype(device: torch.device) -> torch.dtype:
+    # MPS has no float64; everything else keeps the filter's scalars in double precision (departure D9).
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_number(name: str, value: Any, *, low: float, low_open: bool = False, high: float = math.inf) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    bound = "> " if low_open else ">= "
+    rng = f"{bound}{low}" + ("" if high == math.inf else f" and <= {high}")
+    _check(ok, f"Invalid {name}: {value!r} (expected a finite number {rng})")
+    _check(value > low if low_open else value >= low, f"Invalid {name}: {value!r} (expected {rng})")
+    _check(value <= high, f"Invalid {name}: {value!r} (expected {rng})")
+
+
+class _KalmanOptimizer(torch.optim.Optimizer):
+    """What KOALA-V and KOALA-M share: the step protocol, the measurement, checkpoints and the train/eval switch."""
+
+    _variant = "KOALA"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        defaults: dict[str, Any],
+        *,
+        measurement_noise: float | None,
+        noise_decay: float,
+        foreach: bool | None,
+    ) -> None:
+        _check_number("lr", defaults["lr"], low=0.0)
+        _check_number("weight_decay", defaults["weight_decay"], low=0.0)
+        if measurement_noise is not None:
+            _check_number("measurement_noise", measurement_noise, low=0.0, low_open=True)
+        _check_number("noise_decay", noise_decay, low=0.0, high=1.0)
+        _check(foreach is None or isinstance(foreach, bool), f"Invalid foreach: {foreach!r} (expected None or bool)")
+        defaults = dict(defaults, foreach=foreach, train_mode=True)
+        super().__init__(params, defaults)
+        self.measurement_noise = measurement_noise
+        self.noise_decay = noise_decay
+        for group in self.param_groups:
+            for p in group["params"]:
+                _check(p.is_floating_point(), f"Invalid parameter dtype {p.dtype}: KOALA needs floating-point tensors")
+        self._stashed_weights: list[Tensor] | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in ("lr", "weight_decay"):
+            if key in param_group:
+                _check_number(key, param_group[key], low=0.0)
+        if self.state:
+            raise RuntimeError(
+                f"{type(self).__name__} keeps one filter over all parameters; add parameter groups before the first step"
+            )
+        super().add_param_group(param_group)
+
+    # ---- the public protocol --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None, *, loss: Loss | None = None) -> Tensor:  # type: ignore[override]
+        """Run update_k and predict_{k+1} with this minibatch's loss (koala-method.md section 4).
+
+        Args:
+            closure: recomputes the loss and its gradient and returns the loss tensor.
+            loss: the loss already backpropagated, per sample (any shape, averaged over all elements) or 0-d.
+
+        Exactly one of `closure` and `loss` is required. The loss must be the unscaled one (under `GradScaler`, pass
+        the losses before `scaler.scale`). Returns the loss.
+
+        Raises:
+            TypeError: neither or both of `closure` and `loss`, or a loss that is not a floating-point tensor.
+            RuntimeError: called in evaluation mode (call `train()` first).
+        """
+        if (closure is None) == (loss is None):
+            which = "neither" if closure is None else "both"
+            raise TypeError(f"{type(self).__name__}.step() got {which} of closure and loss: {_CALL_HINT}")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not isinstance(loss, Tensor) or not loss.is_floating_point() or loss.numel() == 0:
+            raise TypeError(f"{type(self).__name__}.step() needs the loss as a non-empty float tensor: {_CALL_HINT}")
+        if not self.param_groups[0]["train_mode"]:
+            raise RuntimeError(f"{type(self).__name__}.step() called in evaluation mode: call optimizer.train() first")
+        blocks = self._blocks()
+        if all(g is None for g in blocks.grads):
+            return loss  # nothing was backpropagated: a no-op, like every torch optimizer
+        state = self.state[blocks.params[0]]
+        if STEP not in state:
+            self._init_state(blocks)
+        device = state[COVARIANCE].device
+        moments = F.loss_moments(loss, device, state[COVARIANCE].dtype)
+        if _distributed():
+            dist.all_reduce(moments)  # global L and m2 so every replica takes the identical step
+        measure = F.measure_multi_tensor if self._use_foreach(blocks) else F.measure_single_tensor
+        measurement = measure(blocks, moments, device)
+        self._filter_step(blocks, measurement, state)
+        self._warn_if_skipped(measurement.finite)
+        return loss
+
+    def train(self) -> None:
+        """Switch the parameters back to the predicted weights used for training (undoes `eval()` exactly)."""
+        self._switch(train=True)
+
+    def eval(self) -> None:
+        """Switch the parameters to the posterior weights, for evaluation and checkpoint export."""
+        self._switch(train=False)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; the filter's float64 scalars keep their dtype and move to the first parameter's device.
+
+        (`torch.optim.Optimizer` would cast every floating tensor to the parameter's dtype, e.g. bfloat16.)
+        """
+        states = dict(state_dict["state"])
+        first_state = dict(states.get(0, {}))
+        filter_state = {k: first_state.pop(k) for k in FILTER_KEYS if k in first_state}
+        if 0 in states:
+            states[0] = first_state
+        super().load_state_dict({**state_dict, "state": states})
+        first = self.param_groups[0]["params"][0]
+        dtype = _filter_dtype(first.device)
+        self.state[first].update({k: v.to(first.device, dtype) for k, v in filter_state.items()})
+        self._stashed_weights = None
+
+    # ---- internals ------------------------------------------------------------------------------------------------
+
+    def _blocks(self) -> F.Blocks:
+        params, grads, lrs, decays = [], [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                params.append(p)
+                grads.append(p.grad)
+                lrs.append(float(group["lr"]))
+                decays.append(float(group["weight_decay"]))
+        for g in grads:
+            if g is not None and g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return F.Blocks(params, grads, lrs, decays)
+
+    def _use_foreach(self, blocks: F.Blocks) -> bool:
+        foreach = self.param_groups[0]["foreach"]
+        if foreach is not None:
+            return bool(foreach)
+        # Like torch: the multi-tensor path on devices with native foreach kernels. Also on the CPU, where ours is
+        # cache-blocked and measured faster than the loop (bench/optimizer_step.py), unlike torch's foreach there.
+        return all(p.device.type in ("cpu", "cuda", "xpu") for p in blocks.params)
+
+    def _filter_tensor(self, value: float, like: Tensor) -> Tensor:
+        return torch.tensor(value, dtype=_filter_dtype(like.device), device=like.device)
+
+    def _init_state(self, blocks: F.Blocks) -> None:
+        raise NotImplementedError
+
+    def _filter_step(self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _switch(self, *, train: bool) -> None:
+        for group in self.param_groups:
+            group["train_mode"] = train
+
+    def _warn_if_skipped(self, finite: Tensor) -> None:
+        # Only where reading the flag is free: on the CPU outside compilation. Elsewhere the skip is silent, so that
+        # step() never waits for the device; `state[step]` counts the accepted steps either way.
+        if finite.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(finite):
+            warnings.warn(
+                f"{type(self).__name__} skipped a step: non-finite loss or gradient (filter state unchanged)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class KoalaV(_KalmanOptimizer):
+    r"""KOALA-V: the Kalman filter over the weights with the static model x_k = x_{k-1} + w (Davtyan et al., 2022).
+
+    The covariance is one scalar s for the whole network; each parameter tensor is a block (layer-wise form, eq. 27).
+    One `step()` is update_k followed by predict_{k+1}:
+
+        R_k   = beta_R R_{k-1} + (1 - beta_R) m2_k,  m2_k = mean_j l_{k,j}^2         (adaptive R; fixed if given)
+        S_b   = s^_k G_b + R_k,   G_b = |g_b + lam x_b|^2                            (augmented gradient)
+        x_b  <- x_b - s^_k lr (L_k + lam/2 |x_b|^2) / S_b * g_b                       (eq. 12, raw direction g_b)
+        s_k   = s^_k R_k / (s^_k G* + R_k),   G* = max_b G_b                          (eq. 13 with h~ = max_b G_b/S_b)
+        s^_{k+1} = s_k + q                                                            (predict)
+
+    `lr` is eps of target scheme (b): the filter drives the loss towards (1 - lr) L, so lr=1 targets zero and values
+    near 1 are normal; schedulers scale it per group. Do not port SGD or Adam learning rates.
+
+    Usage contract:
+        * Pass the per-sample losses (or a 0-d loss, which makes R too small: documented as degraded) after backward:
+          `opt.step(loss=losses)`, or `opt.step(closure)`. The loss must be positive (scheme b) and unscaled.
+        * One `step()` per backward. Blocks whose raw gradient norm is below 1e-9 are not updated; if none passes,
+          or the loss or any norm is non-finite, the whole step is skipped and nothing changes (a RuntimeWarning is
+          issued where that is free to detect: on the CPU).
+        * Under DDP (an initialised process group), the loss moments are all-reduced so every replica takes the
+          identical step. Weights are visible as the posterior; `eval()`/`train()` are no-ops for KOALA-V.
+
+    Departures from the paper, all following the official code (koala-method.md section 7):
+        D1 only target scheme (b), gap = lr * L, per-group lr honoured from the start;
+        D2 the gap carries the block's own L2 term lam/2 |x_b|^2;
+        D3 S_b uses the augmented gradient, the step the raw gradient (so weight decay does not shrink weights here);
+        D4 R is an EMA of the second moment of the per-sample losses, not of their squared distance to the target;
+        D6 the skip rule is per tensor on the raw gradient norm, plus a whole-step skip when no tensor passes;
+        D7 constant process noise q = 1 and s_0 = 0.1; D9 the filter scalars are float64.
+
+    Args:
+        params: parameters or parameter groups (per-group `lr` and `weight_decay` are honoured).
+        lr: target scale eps (default 1.0, the paper's setting).
+        initial_covariance: s_0 = sigma_0^2 (default 0.1).
+        process_noise: q (default 1.0).
+        measurement_noise: a fixed R > 0, or None (default) for the adaptive estimate.
+        noise_decay: EMA coefficient beta_R of the adaptive R (default 0.9).
+        weight_decay: lam, coupled L2 (default 0).
+        foreach: multi-tensor path (True), the single-tensor loop (False), or None to choose by device.
+    """
+
+    _variant = "KOALA-V"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        *,
+        initial_covariance: float = 0.1,
+        process_noise: float = 1.0,
+        measurement_noise: float | None = None,
+        noise_decay: float = 0.9,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        _check_number("initial_covariance", initial_covariance, low=0.0, low_open=True)
+        _check_number("process_noise", process_noise, low=0.0)
+        self.initial_covariance = initial_covariance
+        self.process_noise = process_noise
+        super().__init__(
+            params,
+            dict(lr=lr, weight_decay=weight_decay),
+            measurement_noise=measurement_noise,
+            noise_decay=noise_decay,
+            foreach=foreach,
+        )
+
+    def _init_state(self, blocks: F.Blocks) -> None:
+        first = blocks.params[0]
+        state = self.state[first]
+        state[STEP] = self._filter_tensor(0.0, first)
+        # The covariance half of predict_1 (s^_1 = s_0 + q) runs here, at the first step (contract item 4).
+        state[COVARIANCE] = self._filter_tensor(self.initial_covariance + self.process_noise, first)
+        state[MEASUREMENT_NOISE] = self._filter_tensor(self.measurement_noise or 1.0, first)
+
+    def _filter_step(self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any]) -> None:
+        prior = state[COVARIANCE]
+        fixed = self.measurement_noise is not None
+        g = F.gains(measurement, prior, state[MEASUREMENT_NOISE], None if fixed else self.noise_decay)
+        apply = F.apply_vanilla_multi_tensor if self._use_foreach(blocks) else F.apply_vanilla_single_tensor
+        apply(blocks, prior * g.scaled_gaps, g.finite)
+        next_prior = g.rho * prior + self.process_noise
+        state[COVARIANCE] = torch.where(g.take, next_prior, prior)
+        state[MEASUREMENT_NOISE] = g.noise
+        state[STEP] = state[STEP] + g.take.to(state[STEP].dtype)
+
+    def __repr__(self) -> str:
+        extra = (
+            f"initial_covariance={self.initial_covariance}, process_noise={self.process_noise}, "
+            f"measurement_noise={self.measurement_noise}, noise_decay={self.noise_decay}"
+        )
+        return super().__repr__().replace("(\n", f"({extra},\n", 1)
+
+
+class KoalaM(_KalmanOptimizer):
+    r"""KOALA-M: the Kalman filter over weights and velocities, x_k = x_{k-1} + p_{k-1}, p_k = kappa p_{k-1}.
+
+    The covariance is a 2x2 matrix P (times the identity) shared by all blocks; each parameter tensor is a block.
+    One `step()` is update_k followed by predict_{k+1} (official code, koala-method.md sections 3-4):
+
+        R_k   = beta_R R_{k-1} + (1 - beta_R) m2_k                                   (49')
+        S_b   = P^[1,1] G_b + R_k,   a_b = g_b + lam x_b,   G_b = |a_b|^2             (56)
+        x_b  <- x^_b - lr P^[1,1] (L + lam/2 |x^_b|^2) / S_b * a_b                    (57, 59; direction a_b)
+        p_b  <- p^_b - lr P^[2,1] (L + lam/2 |x^_b|^2) / S_b * a_b                    (58, 60)
+        x_avg_b <- 0.9 x_avg_b + 0.1 x_b   for updated blocks                         (50')
+        P_k   = P^ - P^ H~ P^,   H~ = diag(max_b G_b / S_b, 0)                        (61-63)
+      predict_{k+1}:
+        qx    = 0.9 qx + 0.1 |x_k - x_avg|_2 / n,   Q = diag(qx, q_p)                  (51', 52')
+        x^    = x_k + p_k,   p^ = kappa p_k,   P^ = F P F^T + Q,   F = [[1, 1], [0, kappa]]
+
+    After `step()` the parameters hold the predicted weights x^_{k+1} = x_k + p_k, where the next forward pass must
+    run. Evaluate and export the posterior x_k: call `opt.eval()` (parameters become x_k) and `opt.train()` before
+    training resumes (restores x^_{k+1} exactly). `step()` in evaluation mode raises. The state stores the posterior
+    velocity p_k (the decay kappa is applied at the start of the next update), which makes the switch exact.
+
+    `lr` is eps of target scheme (b): lr=1 targets zero loss; schedulers scale it per group. The usage contract of
+    `KoalaV` applies (per-sample unscaled positive losses, one step per backward, the skip rule, DDP all-reduce;
+    under DDP the weight-drift statistic is all-reduced too).
+
+    Departures from the paper, all following the official code (koala-method.md section 7): D1-D4 as in `KoalaV`
+    except that the step direction is the augmented gradient a_b (coupled L2, D3); D5 the process noise uses the
+    unsquared distance |x - x_avg|_2 / n under an extra EMA (0.9, from qw), with x_avg starting at 0 and refreshed
+    only for updated blocks, while the distance covers every parameter given (do not pass frozen parameters);
+    D6 per-tensor skip; D8 q_p = 1e-2 and P_0[1,2] = 0; D9 float64 filter scalars.
+
+    Args:
+        params: parameters or parameter groups (per-group `lr` and `weight_decay` are honoured).
+        lr: target scale eps (default 1.0).
+        momentum: kappa, the velocity decay (default 0.9).
+        initial_covariance: (P_0[1,1], P_0[1,2], P_0[2,2]) (default (0.1, 0.0, 0.1)).
+        weight_process_noise: qw, the initial value of the adaptive qx (default 1e-2).
+        velocity_process_noise: q_p (default 1e-2).
+        measurement_noise: a fixed R > 0, or None (default) for the adaptive estimate.
+        noise_decay: EMA coefficient beta_R of the adaptive R (default 0.9).
+        weight_decay: lam, coupled L2 (default 0).
+        foreach: multi-tensor path (True), the single-tensor loop (False), or None to choose by device.
+    """
+
+    _variant = "KOALA-M"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        *,
+        momentum: float = 0.9,
+        initial_covariance: tuple[float, float, float] = (0.1, 0.0, 0.1),
+        weight_process_noise: float = 1e-2,
+        velocity_process_noise: float = 1e-2,
+        measurement_noise: float | None = None,
+        noise_decay: float = 0.9,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        _check_number("momentum", momentum, low=0.0, high=1.0)
+        _check(
+            isinstance(initial_covariance, tuple | list) and len(initial_covariance) == 3,
+            f"Invalid initial_covariance: {initial_covariance!r} (expected (P_xx, P_xp, P_pp))",
+        )
+        sxx, sxp, spp = initial_covariance
+        for name, value in (("initial_covariance[0]", sxx), ("initial_covariance[2]", spp)):
+            _check_number(name, value, low=0.0, low_open=True)
+        _check_number("initial_covariance[1]", sxp, low=-math.inf)
+        _check(sxp * sxp <= sxx * spp, f"Invalid initial_covariance: {initial_covariance!r} (not positive semidefinite)")
+        _check_number("weight_process_noise", weight_process_noise, low=0.0)
+        _check_number("velocity_process_noise", velocity_process_noise, low=0.0)
+        self.momentum = momentum
+        self.initial_covariance = (float(sxx), float(sxp), float(spp))
+        self.weight_process_noise = weight_process_noise
+        self.velocity_process_noise = velocity_process_noise
+        super().__init__(
+            params,
+            dict(lr=lr, weight_decay=weight_decay),
+            measurement_noise=measurement_noise,
+            noise_decay=noise_decay,
+            foreach=foreach,
+        )
+
+    def _all_state(self, blocks: F.Blocks) -> tuple[list[Tensor], list[Tensor]]:
+        states = [self.state[p] for p in blocks.params]
+        return [s[VELOCITY] for s in states], [s[WEIGHT_AVERAGE] for s in states]
+
+    def _init_state(self, blocks: F.Blocks) -> None:
+        first = blocks.params[0]
+        for p in blocks.params:
+            self.state[p][VELOCITY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self.state[p][WEIGHT_AVERAGE] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state = self.state[first]
+        state[STEP] = self._filter_tensor(0.0, first)
+        state[MEASUREMENT_NOISE] = self._filter_tensor(self.measurement_noise or 1.0, first)
+        state[PROCESS_NOISE] = self._filter_tensor(self.weight_process_noise, first)
+        sxx, sxp, spp = self.initial_covariance
+        posterior = torch.tensor([[sxx, sxp], [sxp, spp]], dtype=state[STEP].dtype, device=first.device)
+        # The covariance half of predict_1 runs here, at the first step (contract item 4): d_1 = |x_0 - 0| / n.
+        drift = torch.stack(
+            [torch.linalg.vector_norm(p, dtype=F.norm_dtype(p.dtype)).to(first.device, posterior.dtype) for p in blocks.params]
+        )
+        state[COVARIANCE], state[PROCESS_NOISE] = self._predict(
+            posterior, state[PROCESS_NOISE], drift.square().sum(), blocks
+        )
+
+    def _predict(
+        self, posterior: Tensor, process_noise: Tensor, drift_sq: Tensor, blocks: F.Blocks
+    ) -> tuple[Tensor, Tensor]:
+        """P^ = F P F^T + diag(qx, q_p) after the qx EMA of the drift |x - x_avg|_2 / n (51', 52', 55)."""
+        if _distributed():
+            drift_sq = drift_sq.clone()
+            dist.all_reduce(drift_sq)
+            drift_sq = drift_sq / dist.get_world_size()
+        numel = sum(p.numel() for p in blocks.params)
+        qx = F.AVERAGE_DECAY * process_noise + (1 - F.AVERAGE_DECAY) * drift_sq.sqrt() / numel
+        kappa = self.momentum
+        xx, xp, pp = posterior[0, 0], posterior[0, 1], posterior[1, 1]
+        pxx = xx + 2 * xp + pp + qx
+        pxp = kappa * (xp + pp)
+        ppp = kappa * kappa * pp + self.velocity_process_noise
+        prior = torch.stack((torch.stack((pxx, pxp)), torch.stack((pxp, ppp))))
+        return prior, qx
+
+    def _filter_step(self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any]) -> None:
+        prior = state[COVARIANCE]
+        fixed = self.measurement_noise is not None
+        g = F.gains(measurement, prior[0, 0], state[MEASUREMENT_NOISE], None if fixed else self.noise_decay)
+        take = g.take.to(prior.dtype)
+        coefficients = F.MomentumCoefficients(
+            weight_gains=prior[0, 0] * g.scaled_gaps,
+            velocity_gains=prior[0, 1] * g.scaled_gaps,
+            average_weights=(1 - F.AVERAGE_DECAY) * (g.updated & g.take).to(prior.dtype),
+            velocity_decay=torch.where(g.take, self.momentum, 1.0).to(prior.dtype),
+            take=take,
+            finite=g.finite,
+        )
+        velocities, averages = self._all_state(blocks)
+        apply = F.apply_momentum_multi_tensor if self._use_foreach(blocks) else F.apply_momentum_single_tensor
+        drift_sq = apply(blocks, velocities, averages, coefficients)
+        # P_k = P^ - h~ c c^T with c = P^[:, 1]: rho = 1 - h~ P^[1,1] scales the first row and column (section 3).
+        xx, xp, pp = prior[0, 0], prior[0, 1], prior[1, 1]
+        posterior = torch.stack(
+            (torch.stack((g.rho * xx, g.rho * xp)), torch.stack((g.rho * xp, pp - g.h * xp * xp)))
+        )
+        next_prior, next_qx = self._predict(posterior, state[PROCESS_NOISE], drift_sq, blocks)
+        state[COVARIANCE] = torch.where(g.take, next_prior, prior)
+        state[PROCESS_NOISE] = torch.where(g.take, next_qx, state[PROCESS_NOISE])
+        state[MEASUREMENT_NOISE] = g.noise
+        state[STEP] = state[STEP] + take
+
+    @torch.no_grad()
+    def _switch(self, *, train: bool) -> None:
+        group_mode = self.param_groups[0]["train_mode"]
+        super()._switch(train=train)
+        if group_mode == train:
+            return
+        params = [p for group in self.param_groups for p in group["params"] if VELOCITY in self.state[p]]
+        if not train:
+            # x_k = x^_{k+1} - p_k. The predicted weights are kept so that train() restores them bit for bit.
+            self._stashed_weights = [p.detach().clone() for p in params]
+            for p in params:
+                p.sub_(self.state[p][VELOCITY])
+        elif self._stashed_weights is not None and len(self._stashed_weights) == len(params):
+            for p, saved in zip(params, self._stashed_weights, strict=True):
+                p.copy_(saved)
+            self._stashed_weights = None
+        else:
+            # Posterior weights and a state saved in eval mode, loaded elsewhere: recompute x^ = x + p.
+            for p in params:
+                p.add_(self.state[p][VELOCITY])
+
+    def __repr__(self) -> str:
+        extra = (
+            f"momentum={self.momentum}, initial_covariance={self.initial_covariance}, "
+            f"weight_process_noise={self.weight_process_noise}, "
+            f"velocity_process_noise={self.velocity_process_noise}, "
+            f"measurement_noise={self.measurement_noise}, noise_decay={self.noise_decay}"
+        )
+        return super().__repr__().replace("(\n", f"({extra},\n", 1)
+
+
+__all__ = ["KoalaM", "KoalaV"]
