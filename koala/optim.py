@@ -445,7 +445,7 @@ class KoalaM(_KalmanOptimizer):
             weight_gains=prior[0, 0] * g.scaled_gaps,
             velocity_gains=prior[0, 1] * g.scaled_gaps,
             average_weights=(1 - F.AVERAGE_DECAY) * (g.updated & g.take).to(prior.dtype),
-            velocity_decay=torch.where(g.take, self.momentum, 1.0).to(prior.dtype),
+            velocity_decay=torch.where(g.take, torch.full_like(take, self.momentum), torch.ones_like(take)),
             take=take,
             finite=g.finite,
         )

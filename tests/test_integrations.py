@@ -1,0 +1,194 @@
+"""KOALA inside the rest of PyTorch: GradScaler, DDP, torch.compile, and the optimizer registry."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from koala import KoalaM, KoalaV, optimizers
+
+OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
+parametrize_opt = pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def data(seed: int, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=gen)
+    return x, x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=gen)
+
+
+def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x) - y).pow(2).squeeze(1)  # (B,)
+
+
+# ---- GradScaler ---------------------------------------------------------------------------------------------------
+
+
+@parametrize_opt
+def test_grad_scaler_step_matches_unscaled(factory: Any) -> None:
+    results = []
+    for use_scaler in (False, True):
+        model = make_model()
+        opt = factory(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=use_scaler)
+        for k in range(6):
+            losses = per_sample_loss(model, *data(k))
+            opt.zero_grad()
+            scaler.scale(losses.mean()).backward()
+            scaler.step(opt, loss=losses.detach())  # the unscaled per-sample losses
+            scaler.update()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@parametrize_opt
+def test_grad_scaler_skips_inf_step(factory: Any) -> None:
+    model = make_model()
+    opt = factory(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    losses = per_sample_loss(model, *data(0))
+    scaler.scale(losses.mean()).backward()
+    scaler.step(opt, loss=losses.detach())
+    scaler.update()
+    before = [p.detach().clone() for p in model.parameters()]
+    step_before = float(opt.state[next(model.parameters())]["step"])
+    opt.zero_grad()
+    losses = per_sample_loss(model, *data(1))
+    scaler.scale(losses.mean() * float("inf")).backward()
+    scaler.step(opt, loss=losses.detach())
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert float(opt.state[next(model.parameters())]["step"]) == step_before
+    assert scaler.get_scale() < 2.0**10
+
+
+# ---- DDP ----------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ddp_worker(rank: int, world: int, port: int, name: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = nn.parallel.DistributedDataParallel(make_model())
+        opt = OPTIMIZERS[name](model.parameters(), weight_decay=1e-3)
+        for k in range(8):
+            x, y = data(k, 64)
+            shard = slice(rank * 32, rank * 32 + 32)  # each replica sees its half of the batch
+            losses = per_sample_loss(model, x[shard], y[shard])
+            opt.zero_grad()
+            losses.mean().backward()
+            opt.step(loss=losses.detach())
+        opt.eval()  # type: ignore[attr-defined]
+        torch.save([p.detach() for p in model.module.parameters()], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@parametrize_opt
+def test_ddp_replicas_take_the_full_batch_step(factory: Any, tmp_path: Any) -> None:
+    name = next(k for k, v in OPTIMIZERS.items() if v is factory)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), name, str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    # Single process on the whole batch: the all-reduced loss moments make DDP equal to it.
+    model = make_model()
+    opt = factory(model.parameters(), weight_decay=1e-3)
+    for k in range(8):
+        losses = per_sample_loss(model, *data(k, 64))
+        opt.zero_grad()
+        losses.mean().backward()
+        opt.step(loss=losses.detach())
+    opt.eval()
+    for a, b, c in zip(rank0, rank1, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- torch.compile ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@parametrize_opt
+def test_compiled_step_matches_eager(factory: Any) -> None:
+    trajectories = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = make_model()
+        opt = factory(model.parameters(), weight_decay=1e-3)
+
+        def step(losses: torch.Tensor, opt: torch.optim.Optimizer = opt) -> None:
+            opt.step(loss=losses)
+
+        run_step = torch.compile(step) if compiled else step
+        for k in range(5):
+            losses = per_sample_loss(model, *data(k))
+            opt.zero_grad()
+            losses.mean().backward()
+            run_step(losses.detach())
+        trajectories.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*trajectories, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- registry -----------------------------------------------------------------------------------------------------
+
+
+def test_registry_names_and_create() -> None:
+    assert {"koala-v", "koala-m", "sgd", "momentum", "adam", "adamw"} <= set(optimizers.names())
+    model = make_model()
+    assert isinstance(optimizers.create("koala-m", model.parameters()), KoalaM)
+    sgd = optimizers.create("momentum", model.parameters(), lr=0.05)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.param_groups[0]["momentum"] == 0.9
+    adam = optimizers.create("adam", model.parameters(), beta2=0.99)
+    assert adam.param_groups[0]["betas"] == (0.9, 0.99)
+    assert optimizers.get("koala-v").hyperparameters()["lr"] == 1.0
+
+
+def test_registry_rejects_unknown_names_and_hyperparameters() -> None:
+    with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; valid names: adam, adamw, koala-m, koala-v"):
+        optimizers.create("lion", make_model().parameters())
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) betas for optimizer 'koala-m'; valid: .*momentum"):
+        optimizers.create("koala-m", make_model().parameters(), betas=(0.9, 0.9))
+    with pytest.raises(ValueError, match="already registered"):
+        optimizers.register(optimizers.get("sgd"))
+
+
+def test_every_registered_optimizer_steps_through_one_code_path() -> None:
+    """Plain torch optimizers ignore `loss=`? They don't accept it: the training loop passes it only to KOALA
+    via the closure protocol that every optimizer supports."""
+    for name in optimizers.names():
+        model = make_model()
+        opt = optimizers.create(name, model.parameters())
+        x, y = data(0)
+
+        def closure(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> torch.Tensor:
+            opt.zero_grad()
+            losses = per_sample_loss(model, x, y)
+            losses.mean().backward()
+            return losses
+
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(closure)
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)), name
