@@ -429,8 +429,8 @@ def apply_momentum_multi_tensor(
             torch._foreach_mul_(v, c.velocity_decay.to(device))
             if with_grad:
                 lam, lr = batch.weight_decay, batch.lr
-                direction = torch._foreach_add(batch.grads, x, alpha=lam) if lam != 0 else batch.grads
-                direction = guard_directions(direction, c.finite)
+                augmented = list(torch._foreach_add(batch.grads, x, alpha=lam)) if lam != 0 else batch.grads
+                direction = guard_directions(augmented, c.finite)
                 torch._foreach_addcmul_(v, direction, per_block(c.velocity_gains, batch.blocks, device), value=-lr)
                 torch._foreach_addcmul_(x, direction, per_block(c.weight_gains, batch.blocks, device), value=-lr)
             difference = torch._foreach_sub(x, avg)

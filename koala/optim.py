@@ -90,9 +90,8 @@ class _KalmanOptimizer(torch.optim.Optimizer):
             if key in param_group:
                 _check_number(key, param_group[key], low=0.0)
         if self.state:
-            raise RuntimeError(
-                f"{type(self).__name__} keeps one filter over all parameters; add parameter groups before the first step"
-            )
+            name = type(self).__name__
+            raise RuntimeError(f"{name} keeps one filter over all parameters: add groups before the first step")
         super().add_param_group(param_group)
 
     # ---- the public protocol --------------------------------------------------------------------------------------
@@ -380,7 +379,9 @@ class KoalaM(_KalmanOptimizer):
         for name, value in (("initial_covariance[0]", sxx), ("initial_covariance[2]", spp)):
             _check_number(name, value, low=0.0, low_open=True)
         _check_number("initial_covariance[1]", sxp, low=-math.inf)
-        _check(sxp * sxp <= sxx * spp, f"Invalid initial_covariance: {initial_covariance!r} (not positive semidefinite)")
+        _check(
+            sxp * sxp <= sxx * spp, f"Invalid initial_covariance: {initial_covariance!r} (not positive semidefinite)"
+        )
         _check_number("weight_process_noise", weight_process_noise, low=0.0)
         _check_number("velocity_process_noise", velocity_process_noise, low=0.0)
         self.momentum = momentum
@@ -412,7 +413,10 @@ class KoalaM(_KalmanOptimizer):
         posterior = torch.tensor([[sxx, sxp], [sxp, spp]], dtype=state[STEP].dtype, device=first.device)
         # The covariance half of predict_1 runs here, at the first step (contract item 4): d_1 = |x_0 - 0| / n.
         drift = torch.stack(
-            [torch.linalg.vector_norm(p, dtype=F.norm_dtype(p.dtype)).to(first.device, posterior.dtype) for p in blocks.params]
+            [
+                torch.linalg.vector_norm(p, dtype=F.norm_dtype(p.dtype)).to(first.device, posterior.dtype)
+                for p in blocks.params
+            ]
         )
         state[COVARIANCE], state[PROCESS_NOISE] = self._predict(
             posterior, state[PROCESS_NOISE], drift.square().sum(), blocks
@@ -454,9 +458,7 @@ class KoalaM(_KalmanOptimizer):
         drift_sq = apply(blocks, velocities, averages, coefficients)
         # P_k = P^ - h~ c c^T with c = P^[:, 1]: rho = 1 - h~ P^[1,1] scales the first row and column (section 3).
         xx, xp, pp = prior[0, 0], prior[0, 1], prior[1, 1]
-        posterior = torch.stack(
-            (torch.stack((g.rho * xx, g.rho * xp)), torch.stack((g.rho * xp, pp - g.h * xp * xp)))
-        )
+        posterior = torch.stack((torch.stack((g.rho * xx, g.rho * xp)), torch.stack((g.rho * xp, pp - g.h * xp * xp))))
         next_prior, next_qx = self._predict(posterior, state[PROCESS_NOISE], drift_sq, blocks)
         state[COVARIANCE] = torch.where(g.take, next_prior, prior)
         state[PROCESS_NOISE] = torch.where(g.take, next_qx, state[PROCESS_NOISE])

@@ -68,8 +68,7 @@ def create(name: str, params: ParamsT, **hyperparams: Any) -> torch.optim.Optimi
     unknown = sorted(set(hyperparams) - set(valid))
     if unknown:
         raise ValueError(
-            f"unknown hyperparameter(s) {', '.join(unknown)} for optimizer {name!r}; "
-            f"valid: {', '.join(sorted(valid))}"
+            f"unknown hyperparameter(s) {', '.join(unknown)} for optimizer {name!r}; valid: {', '.join(sorted(valid))}"
         )
     return spec.factory(params, **{**spec.defaults, **hyperparams})
 
