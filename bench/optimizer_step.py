@@ -4,8 +4,11 @@
 
 Parameters come from shapes alone (random weights with random `.grad`), so only `step()` is timed. All optimizers of
 a parameter set run in one process and are timed round-robin, one step each per round, so that machine noise hits
-them equally; the median over rounds is reported. A plain `dst.copy_(src)` of the same total size is timed in the
-same rotation to give the bandwidth this machine reaches at that size.
+them equally; the median over rounds is reported. A plain `dst.copy_(src)` (and an in-place `add_`) of the same total
+size run in the same rotation and give the bandwidth this machine reaches at that size.
+
+Also checked: KOALA's multi-tensor path on the device against the single-tensor loop on the CPU in float64 (on the
+CPU this is the foreach-vs-loop parity), and on CUDA one step of each under `torch.cuda.set_sync_debug_mode("error")`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -58,10 +62,7 @@ class ParamSet:
 
 
 def _numel(shape: Shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape)
 
 
 def resnet18_cifar() -> ParamSet:
@@ -81,19 +82,22 @@ def resnet18_cifar() -> ParamSet:
 
 
 def small_transformer(
-    layers: int = 4, d_model: int = 256, ff: int = 1024, vocab: int = 4096, context: int = 256
+    layers: int = 4, d_model: int = 256, heads: int = 4, ff: int = 1024, vocab: int = 4096, context: int = 256
 ) -> ParamSet:
-    """Pre-LN decoder: learned positions, fused QKV, biases everywhere except the untied output head."""
+    """Pre-LN decoder: learned positions, fused QKV, biases everywhere except the untied output head.
+
+    The head count does not change any shape (the heads split the d_model projections); it is only described.
+    """
     shapes: list[Shape] = [(vocab, d_model), (context, d_model)]
     for _ in range(layers):
         shapes += [(d_model,), (d_model,)]  # ln1
-        shapes += [(3 * d_model, d_model), (3 * d_model,)]  # attention in-projection (4 heads share it)
+        shapes += [(3 * d_model, d_model), (3 * d_model,)]  # attention in-projection (Q, K, V)
         shapes += [(d_model, d_model), (d_model,)]  # attention out-projection
         shapes += [(d_model,), (d_model,)]  # ln2
         shapes += [(ff, d_model), (ff,), (d_model, ff), (d_model,)]  # MLP
     shapes += [(d_model,), (d_model,), (vocab, d_model)]  # final LN, untied LM head without bias
     description = (
-        f"{layers}-layer transformer, d_model {d_model}, 4 heads, ff {ff}, vocab {vocab}, context {context}, "
+        f"{layers}-layer transformer, d_model {d_model}, {heads} heads, ff {ff}, vocab {vocab}, context {context}, "
         "untied embeddings"
     )
     return ParamSet("transformer-4l", description, shapes)
@@ -128,7 +132,7 @@ class OfficialStyleKoalaV(torch.optim.Optimizer):
 
     Kept deliberately in that shape, as the baseline the library's paths are measured against: a Python test on
     every gradient norm (one host read per tensor), the augmented gradient and the L2 term computed per tensor with
-    separate kernels, and scalars held as Python numbers or 0-d tensors.
+    separate kernels, and the filter scalars held as Python numbers or 0-d tensors.
     """
 
     def __init__(
@@ -144,18 +148,17 @@ class OfficialStyleKoalaV(torch.optim.Optimizer):
         self.eps = 1e-9
         self.weight_decay = weight_decay
         self.alpha_r = alpha_r
-        self.state["s"] = sigma
-        self.state["q"] = q
-        self.state["r"] = 1.0
+        self.s: float | Tensor = sigma
+        self.q = q
+        self.r: float | Tensor = 1.0
 
     def predict(self) -> None:
-        self.state["s"] = self.state["s"] + self.state["q"]
+        self.s = self.s + self.q
 
     @torch.no_grad()
     def update(self, loss: Tensor, loss_var: Tensor) -> None:
-        r = self.alpha_r * self.state["r"] + (1 - self.alpha_r) * loss_var
-        self.state["r"] = r
-        s = self.state["s"]
+        self.r = self.alpha_r * self.r + (1 - self.alpha_r) * loss_var
+        s, r = self.s, self.r
         ratios = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -172,7 +175,7 @@ class OfficialStyleKoalaV(torch.optim.Optimizer):
                 ratios.append(layer_grad_norm / innovation)
         if not ratios:
             raise RuntimeError("no parameter passed the gradient threshold")
-        self.state["s"] = s - s * s * torch.stack(ratios).max()
+        self.s = s - s * s * torch.stack(ratios).max()
 
 
 class OfficialStyleKoalaM(torch.optim.Optimizer):
@@ -200,10 +203,10 @@ class OfficialStyleKoalaM(torch.optim.Optimizer):
         self.alpha_r = alpha_r
         self.a = a
         self.qv = qv
-        self.state["F"] = torch.tensor([[1.0, 1.0], [0.0, a]], dtype=torch.float64, device=device)
-        self.state["P"] = torch.tensor([[sw, sc], [sc, sv]], dtype=torch.float64, device=device)
-        self.state["qx"] = qw
-        self.state["r"] = 1.0
+        self.F = torch.tensor([[1.0, 1.0], [0.0, a]], dtype=torch.float64, device=device)
+        self.P = torch.tensor([[sw, sc], [sc, sv]], dtype=torch.float64, device=device)
+        self.qx: float | Tensor = qw
+        self.r: float | Tensor = 1.0
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p]["vt"] = torch.zeros_like(p)
@@ -212,23 +215,19 @@ class OfficialStyleKoalaM(torch.optim.Optimizer):
     @torch.no_grad()
     def predict(self) -> None:
         params = [p for group in self.param_groups for p in group["params"]]
-        device = params[0].device
         distance = torch.stack([(p - self.state[p]["gt"]).norm() ** 2 for p in params]).sum().sqrt()
         n = sum(p.numel() for p in params)
-        self.state["qx"] = 0.9 * self.state["qx"] + 0.1 * distance / n
-        q = torch.diag(torch.Tensor([float(self.state["qx"]), self.qv])).double().to(device)
-        f = self.state["F"]
-        self.state["P"] = torch.matmul(torch.matmul(f, self.state["P"]), f.t()) + q
+        self.qx = 0.9 * self.qx + 0.1 * distance / n
+        q = torch.diag(torch.Tensor([float(self.qx), self.qv])).double().to(self.P.device)  # host read
+        self.P = torch.matmul(torch.matmul(self.F, self.P), self.F.t()) + q
         for p in params:
             p.data.add_(self.state[p]["vt"])
             self.state[p]["vt"].mul_(self.a)
 
     @torch.no_grad()
     def update(self, loss: Tensor, loss_var: Tensor) -> None:
-        r = self.alpha_r * self.state["r"] + (1 - self.alpha_r) * loss_var
-        self.state["r"] = r
-        cov = self.state["P"]
-        device = cov.device
+        self.r = self.alpha_r * self.r + (1 - self.alpha_r) * loss_var
+        cov, r = self.P, self.r
         ratios = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -248,8 +247,8 @@ class OfficialStyleKoalaM(torch.optim.Optimizer):
                 ratios.append(layer_grad_norm / innovation)
         if not ratios:
             raise RuntimeError("no parameter passed the gradient threshold")
-        h = torch.diag(torch.Tensor([float(torch.stack(ratios).max()), 0.0])).double().to(device)
-        self.state["P"] = cov - torch.matmul(torch.matmul(cov, h), cov.t())
+        h = torch.diag(torch.Tensor([float(torch.stack(ratios).max()), 0.0])).double().to(cov.device)  # host read
+        self.P = cov - torch.matmul(torch.matmul(cov, h), cov.t())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -334,6 +333,7 @@ def cases(weight_decay: float) -> list[Case]:
 
 
 COPY = "copy_ (bandwidth reference)"
+ADD = "add_ (in-place bandwidth reference)"
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -394,17 +394,17 @@ def time_round_robin(steps: dict[str, Step], device: torch.device, warmup: int, 
 @dataclass
 class Row:
     name: str
-    median_ms: float
-    p25_ms: float
-    p75_ms: float
-    vs_adam: float | None = None
+    median_ms: float | None = None
+    p25_ms: float | None = None
+    p75_ms: float | None = None
+    vs_adam: float | None = None  # this median / fused Adam's median
     passes: int | None = None
     traffic: str = ""
     bytes_per_step: int | None = None
     gb_per_s: float | None = None
-    of_copy: float | None = None
+    of_copy: float | None = None  # effective bandwidth / copy_'s
     state_bytes_per_param: float | None = None
-    reference_over_this: float | None = None  # reference-loop time / this time, same KOALA variant
+    reference_over_this: float | None = None  # reference-loop median / this median, same KOALA variant
     error: str = ""
 
 
@@ -418,82 +418,88 @@ class SetResult:
     weight_decay: float
     repeats: int
     rows: list[Row] = field(default_factory=list)
-    foreach_speedup: dict[str, float] = field(default_factory=dict)  # foreach=False time / foreach=True time
+    foreach_speedup: dict[str, float] = field(default_factory=dict)  # foreach=False median / foreach=True median
     sync_debug: dict[str, str] = field(default_factory=dict)
+
+
+def bandwidth_steps(numel: int, device: torch.device, dtype: torch.dtype) -> dict[str, tuple[Step, int, str]]:
+    """Plain large-tensor passes of the same total size: (step, tensor passes, what they move)."""
+    src = torch.randn(numel, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    acc = torch.randn(numel, device=device, dtype=dtype)
+
+    def copy() -> None:
+        dst.copy_(src)
+
+    def add() -> None:
+        acc.add_(src)
+
+    # copy_ writes to lines it never read, which costs the CPU an extra read per line (write-allocate); in-place
+    # optimizers do not pay that, so the in-place add_ is shown beside it.
+    return {
+        COPY: (copy, 2, "read src, write dst"),
+        ADD: (add, 3, "read acc, src; write acc (in place)"),
+    }
+
+
+def _quartiles(t: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(t, n=4)
+    return 1e3 * q[0], 1e3 * statistics.median(t), 1e3 * q[2]
 
 
 def bench_set(
     pset: ParamSet, device: torch.device, weight_decay: float, warmup: int, repeats: int
 ) -> tuple[SetResult, dict[str, Step]]:
     dtype = torch.float32
+    element = torch.finfo(dtype).bits // 8
     weights, grads = make_tensors(pset.shapes, device, dtype, SEED)
     gen = torch.Generator().manual_seed(SEED + 1)
     losses = (2.3 + 0.5 * torch.rand(BATCH, generator=gen)).to(device, dtype)  # positive, like cross-entropy
     result = SetResult(pset.name, pset.description, len(pset.shapes), pset.numel, str(dtype), weight_decay, repeats)
     steps: dict[str, Step] = {}
     optimizers: dict[str, torch.optim.Optimizer] = {}
-    errors: dict[str, str] = {}
     table = cases(weight_decay)
     for case in table:
         try:
-            optimizers[case.name], steps[case.name] = case.build(leaf_params(weights, grads), losses, weight_decay)
+            opt, step = case.build(leaf_params(weights, grads), losses, weight_decay)
+            step()  # some kernels are only checked at the first step
         except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a fused kernel missing on this torch/device
-            errors[case.name] = f"{type(exc).__name__}: {exc}"
-    src = torch.randn(pset.numel, device=device, dtype=dtype)
-    dst = torch.empty_like(src)
-
-    def copy() -> None:
-        dst.copy_(src)
-
-    steps[COPY] = copy
+            result.rows.append(Row(case.name, error=f"{type(exc).__name__}: {exc}"))
+            continue
+        optimizers[case.name], steps[case.name] = opt, step
     del weights, grads
+    references = bandwidth_steps(pset.numel, device, dtype)
+    steps.update({name: step for name, (step, _, _) in references.items()})
     times = time_round_robin(steps, device, warmup, repeats)
 
-    element = torch.finfo(dtype).bits // 8
-    copy_s = statistics.median(times[COPY])
-    copy_rate = 2 * pset.numel * element / copy_s
     medians = {name: statistics.median(t) for name, t in times.items()}
+    copy_rate = references[COPY][1] * pset.numel * element / medians[COPY]
     adam = medians.get("Adam(fused=True)")
-    reference = {c.variant: medians.get(c.name) for c in table if c.name.startswith("OfficialStyle")}
-    for case in table:
-        if case.name in errors:
-            result.rows.append(Row(case.name, float("nan"), float("nan"), float("nan"), error=errors[case.name]))
-            continue
-        t = times[case.name]
-        q = statistics.quantiles(t, n=4)
-        moved = case.passes * pset.numel * element
-        ref = reference.get(case.variant)
-        result.rows.append(
-            Row(
-                case.name,
-                1e3 * medians[case.name],
-                1e3 * q[0],
-                1e3 * q[2],
-                vs_adam=medians[case.name] / adam if adam else None,
-                passes=case.passes,
-                traffic=case.traffic,
-                bytes_per_step=moved,
-                gb_per_s=moved / medians[case.name] / 1e9,
-                of_copy=moved / medians[case.name] / copy_rate,
-                state_bytes_per_param=state_bytes(optimizers[case.name]) / pset.numel,
-                reference_over_this=ref / medians[case.name] if ref and case.variant else None,
-            )
+    loop = {c.variant: medians.get(c.name) for c in table if c.name.startswith("OfficialStyle")}
+
+    def row(name: str, passes: int, traffic: str, variant: str = "") -> Row:
+        moved = passes * pset.numel * element
+        p25, median, p75 = _quartiles(times[name])
+        ref = loop.get(variant) if variant else None
+        opt = optimizers.get(name)
+        return Row(
+            name,
+            median,
+            p25,
+            p75,
+            vs_adam=medians[name] / adam if adam else None,
+            passes=passes,
+            traffic=traffic,
+            bytes_per_step=moved,
+            gb_per_s=moved / medians[name] / 1e9,
+            of_copy=moved / medians[name] / copy_rate,
+            state_bytes_per_param=None if opt is None else state_bytes(opt) / pset.numel,
+            reference_over_this=ref / medians[name] if ref else None,
         )
-    q = statistics.quantiles(times[COPY], n=4)
-    result.rows.append(
-        Row(
-            COPY,
-            1e3 * copy_s,
-            1e3 * q[0],
-            1e3 * q[2],
-            vs_adam=copy_s / adam if adam else None,
-            passes=2,
-            traffic="read src, write dst",
-            bytes_per_step=2 * pset.numel * element,
-            gb_per_s=copy_rate / 1e9,
-            of_copy=1.0,
-        )
-    )
+
+    failed = {r.name: r for r in result.rows}
+    result.rows = [failed.get(c.name) or row(c.name, c.passes, c.traffic, c.variant) for c in table]
+    result.rows += [row(name, passes, traffic) for name, (_, passes, traffic) in references.items()]
     for variant in ("V", "M"):
         multi, single = medians.get(f"Koala{variant}(foreach=True)"), medians.get(f"Koala{variant}(foreach=False)")
         if multi and single:
@@ -507,7 +513,7 @@ def bench_set(
 
 def sync_debug_check(steps: dict[str, Step], device: torch.device) -> dict[str, str]:
     """One step of each KOALA multi-tensor path (and, as a control, each reference loop) under sync debug "error"."""
-    outcome = {}
+    outcome: dict[str, str] = {}
     for name in (
         "KoalaV(foreach=True)",
         "KoalaM(foreach=True)",
@@ -598,10 +604,12 @@ def markdown(result: SetResult) -> str:
             lines.append(f"| {row.name} | failed: {row.error} | | | | | | | |")
             continue
         per_param = None if row.passes is None else 4 * row.passes
+        of_copy = None if row.of_copy is None else 100 * row.of_copy
         lines.append(
-            f"| {row.name} | {row.median_ms:.2f} | {row.p25_ms:.2f}-{row.p75_ms:.2f} | {_fmt(row.vs_adam, '.2f')} "
-            f"| {_fmt(per_param, 'd')} | {_fmt(row.gb_per_s, '.1f')} | {_fmt(None if row.of_copy is None else 100 * row.of_copy, '.0f')} "
-            f"| {_fmt(row.state_bytes_per_param, '.2f')} | {_fmt(row.reference_over_this, '.1f')} |"
+            f"| {row.name} | {_fmt(row.median_ms, '.2f')} | {_fmt(row.p25_ms, '.2f')}-{_fmt(row.p75_ms, '.2f')} "
+            f"| {_fmt(row.vs_adam, '.2f')} | {_fmt(per_param, 'd')} | {_fmt(row.gb_per_s, '.1f')} "
+            f"| {_fmt(of_copy, '.0f')} | {_fmt(row.state_bytes_per_param, '.2f')} "
+            f"| {_fmt(row.reference_over_this, '.1f')} |"
         )
     tail = [
         "",
@@ -624,7 +632,8 @@ def traffic_notes(weight_decay: float) -> str:
         label = case.name.split("(")[0]
         lines.append(f"- {label}: {case.passes} passes = {4 * case.passes} bytes ({case.traffic})")
     lines.append("- reference loops: counted as their KOALA variant (the minimal work, not what the loop moves)")
-    lines.append("- copy_: 2 passes = 8 bytes (read src, write dst)")
+    lines.append("- copy_: 2 passes = 8 bytes (read src, write dst); add_: 3 passes = 12 bytes (in place)")
+    lines.append("\nGB/s = those bytes / median step time; % of copy BW compares it with copy_'s GB/s.")
     return "\n".join(lines) + "\n"
 
 
@@ -649,7 +658,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=40, help="timed rounds per parameter set (default 40)")
+    parser.add_argument("--repeats", type=int, default=100, help="timed rounds per parameter set (default 100)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="lam for every optimizer (default 0)")
     parser.add_argument("--sets", default="resnet18-cifar,transformer-4l", help="comma-separated parameter sets")

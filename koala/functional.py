@@ -8,11 +8,11 @@ Symbols follow koala-method.md (the paper's notation) and are mapped once here:
     R          measurement noise (EMA of m2), s / P the state covariance (scalar for V, 2x2 for M)
     gap_b      lr * (L + lam/2 |x_b|^2): the loss gap of target scheme (b)
 
-Everything here is sync-free: the skip rule is a mask, per-block coefficients stay on the device as 0-d tensors and
-the learning rate enters as a Python scalar. Each variant has a readable single-tensor path (a loop over tensors,
-the reference) and a multi-tensor path (`torch._foreach_*` over batches of tensors grouped by device and dtype). On
-the CPU the multi-tensor path also splits large tensors into cache-sized flat segments, so that the several
-elementwise passes of one step reuse data from cache instead of streaming every tensor from memory once per pass.
+On accelerators everything here is sync-free: the skip rule is a mask, per-block coefficients stay on the device as
+0-d tensors and the learning rate enters as a Python scalar. Each variant has a readable single-tensor path (a loop
+over tensors, the reference) and a multi-tensor path: `torch._foreach_*` over runs of tensors that share device,
+dtype, lr and weight decay, or, for float32/float64 CPU tensors, the fused kernels of `koala.cpu_kernels` (one pass
+over memory per step where eager ops need several; on the CPU reading a scalar is free, there is no device).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from koala import cpu_kernels
+
 #: Raw-gradient norm below which a block is not updated (official code, departure D6).
 GRADIENT_THRESHOLD = 1e-9
 #: EMA coefficient of the weight average x_avg and of the process noise qx (hard-coded in the official code).
 AVERAGE_DECAY = 0.9
-#: Elements per CPU segment: a few tensors of this size fit in the L2/L3 caches between passes.
-CPU_SEGMENT_NUMEL = 1 << 18
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -111,27 +111,28 @@ def measure_single_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.
 
 
 def measure_multi_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.device) -> Measurement:
-    """Fast path: `torch._foreach_norm` over batches; norms of segmented tensors are summed back per block."""
+    """Fast path: per run of blocks, one foreach norm per statistic, or one fused CPU pass for all three."""
     nblocks = len(blocks)
     dtype = moments.dtype
     grad_sq = torch.zeros(nblocks, device=filter_device, dtype=dtype)
     augmented = torch.zeros_like(grad_sq)
-    weight_sq = torch.zeros_like(grad_sq)
-    for batch in segment_batches(blocks, with_grad=True):
-        acc = norm_dtype(batch.params[0].dtype)
-        g_sq = _stacked_sq_norms(batch.grads, acc, filter_device, dtype)
-        _accumulate(grad_sq, batch, g_sq)
-        if batch.weight_decay != 0:
-            a = torch._foreach_add(batch.grads, batch.params, alpha=batch.weight_decay)
-            _accumulate(augmented, batch, _stacked_sq_norms(a, acc, filter_device, dtype))
-            _accumulate(weight_sq, batch, _stacked_sq_norms(batch.params, acc, filter_device, dtype))
+    l2 = torch.zeros_like(grad_sq)
+    for run in runs(blocks, with_grad=True):
+        xs, gs = run.params(blocks), run.grads(blocks)
+        lam = run.weight_decay
+        if cpu_kernels.eligible([*xs, *gs]) and filter_device.type == "cpu":
+            sums = torch.tensor(cpu_kernels.block_sums(gs, xs, lam), dtype=dtype)  # (n, 3), host data on the host
+            g_sq, a_sq, x_sq = sums.unbind(1)
         else:
-            _accumulate(augmented, batch, g_sq)
-    # lam/2 |x_b|^2: Python scalars enter through one multiply per distinct value (no host-to-device copy).
-    l2 = torch.zeros_like(weight_sq)
-    for lam in set(blocks.weight_decays) - {0.0}:
-        mask = mask_from_flags([w == lam for w in blocks.weight_decays], filter_device)
-        l2 = torch.where(mask, weight_sq * (lam / 2), l2)
+            acc = norm_dtype(xs[0].dtype)
+            g_sq = _stacked_sq_norms(gs, acc, filter_device, dtype)
+            a_sq, x_sq = g_sq, torch.zeros_like(g_sq)
+            if lam != 0:
+                a_sq = _stacked_sq_norms(torch._foreach_add(gs, xs, alpha=lam), acc, filter_device, dtype)
+                x_sq = _stacked_sq_norms(xs, acc, filter_device, dtype)
+        grad_sq[run.start : run.stop] = g_sq
+        augmented[run.start : run.stop] = a_sq
+        l2[run.start : run.stop] = x_sq * (lam / 2)
     return Measurement(
         loss=moments[0] / moments[2],
         loss_second_moment=moments[1] / moments[2],
@@ -180,105 +181,42 @@ def _stacked_sq_norms(
     return torch.stack(norms).to(device, dtype).square()
 
 
-def _accumulate(target: Tensor, batch: SegmentBatch, values: Tensor) -> None:
-    if batch.block_index is None:
-        target[batch.first_block : batch.first_block + len(values)] += values
-    else:
-        target.index_add_(0, batch.block_index, values)
+@dataclass(frozen=True)
+class Run:
+    """Consecutive blocks [start, stop) sharing device, dtype, lr, weight decay and gradient presence.
 
-
-# --------------------------------------------------------------------------------------------------------------------
-# Segmentation for the multi-tensor path
-
-
-@dataclass
-class SegmentBatch:
-    """Tensors (or flat segments of them) that one sequence of foreach calls processes together.
-
-    All come from one param group (one lr, one weight decay) and share device and dtype. `blocks[i]` is the block
-    that `params[i]` belongs to; `block_index` is the same as a tensor when segments and blocks differ, else None
-    (whole tensors of consecutive blocks starting at `first_block`).
+    One foreach call covers a run: lr and weight decay enter as Python scalars, and results land in a slice.
     """
 
-    params: list[Tensor]
-    grads: list[Tensor]
-    blocks: list[int]
-    block_index: Tensor | None
-    first_block: int
+    start: int
+    stop: int
     lr: float
     weight_decay: float
-    state: list[list[Tensor]]
+
+    def params(self, blocks: Blocks) -> list[Tensor]:
+        return blocks.params[self.start : self.stop]
+
+    def grads(self, blocks: Blocks) -> list[Tensor]:
+        return [g for g in blocks.grads[self.start : self.stop] if g is not None]
 
 
-def segment_batches(
-    blocks: Blocks, *, with_grad: bool, state: Sequence[Sequence[Tensor]] = ()
-) -> Iterator[SegmentBatch]:
-    """Batches for the foreach calls: consecutive blocks of equal (device, dtype, lr, weight decay, grad presence).
+def runs(blocks: Blocks, *, with_grad: bool | None) -> Iterator[Run]:
+    """Maximal runs of blocks with equal (device, dtype, lr, weight decay, has gradient).
 
-    On CUDA a batch holds whole tensors, so that foreach kernels see as many tensors as possible. On the CPU large
-    contiguous tensors are split into flat segments of `CPU_SEGMENT_NUMEL` and batches are capped at that size,
-    which keeps one batch's operands in cache across the passes of a step. `state` holds per-block state tensors
-    (velocity, weight average) that are segmented alongside.
+    `with_grad` True or False keeps only the runs with or without gradients; None keeps all.
     """
-    current: SegmentBatch | None = None
-    key = None
-    for b, (x, g) in enumerate(zip(blocks.params, blocks.grads, strict=True)):
-        if (g is not None) != with_grad:
-            if current is not None:
-                yield _finish(current)
-                current = None
-            continue
-        on_cpu = x.device.type == "cpu"
-        new_key = (x.device, x.dtype, blocks.lrs[b], blocks.weight_decays[b])
-        pieces = _split(x, g, [s[b] for s in state]) if on_cpu else [(x, g, [s[b] for s in state])]
-        for px, pg, ps in pieces:
-            full = (
-                current is not None
-                and on_cpu
-                and sum(t.numel() for t in current.params) + px.numel() > CPU_SEGMENT_NUMEL
-            )
-            if current is None or new_key != key or full:
-                if current is not None:
-                    yield _finish(current)
-                key = new_key
-                current = SegmentBatch(
-                    params=[],
-                    grads=[],
-                    blocks=[],
-                    block_index=None,
-                    first_block=b,
-                    lr=blocks.lrs[b],
-                    weight_decay=blocks.weight_decays[b],
-                    state=[[] for _ in state],
-                )
-            current.params.append(px)
-            if pg is not None:
-                current.grads.append(pg)
-            current.blocks.append(b)
-            for column, t in zip(current.state, ps, strict=True):
-                column.append(t)
-    if current is not None:
-        yield _finish(current)
 
+    def key(b: int) -> tuple[object, ...]:
+        x = blocks.params[b]
+        return (x.device, x.dtype, blocks.lrs[b], blocks.weight_decays[b], blocks.grads[b] is not None)
 
-def _split(x: Tensor, g: Tensor | None, state: list[Tensor]) -> list[tuple[Tensor, Tensor | None, list[Tensor]]]:
-    tensors = [x, *state] + ([g] if g is not None else [])
-    if x.numel() <= CPU_SEGMENT_NUMEL or not all(t.is_contiguous() for t in tensors):
-        return [(x, g, state)]
-    flat = [t.view(-1) for t in tensors]
-    out = []
-    for start in range(0, x.numel(), CPU_SEGMENT_NUMEL):
-        part = [t[start : start + CPU_SEGMENT_NUMEL] for t in flat]
-        out.append((part[0], part[-1] if g is not None else None, part[1 : 1 + len(state)]))
-    return out
-
-
-def _finish(batch: SegmentBatch) -> SegmentBatch:
-    consecutive = batch.blocks == list(range(batch.first_block, batch.first_block + len(batch.blocks)))
-    if not consecutive:
-        # Segments of one tensor map to the same block. Built on the CPU only (CUDA batches hold whole tensors).
-        batch.block_index = torch.tensor(batch.blocks, device=batch.params[0].device)
-    return batch
+    start = 0
+    for b in range(1, len(blocks) + 1):
+        if b == len(blocks) or key(b) != key(start):
+            has_grad = blocks.grads[start] is not None
+            if with_grad is None or has_grad == with_grad:
+                yield Run(start, b, blocks.lrs[start], blocks.weight_decays[start])
+            start = b
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -346,12 +284,11 @@ def guard_directions(directions: list[Tensor], finite: Tensor) -> list[Tensor]:
     return [torch.where(finite, d, 0.0) for d in directions]
 
 
-def per_block(values: Tensor, blocks: Sequence[int], device: torch.device) -> list[Tensor]:
-    """0-d device tensors `values[b]` for the given blocks, on `device` (no host read)."""
+def per_block(values: Tensor, device: torch.device) -> tuple[Tensor, ...]:
+    """0-d tensors `values[b]` on `device`, one per block (views: no host read, no copy on the same device)."""
     if values.device != device:
         values = values.to(device, non_blocking=True)
-    views = values.unbind()
-    return [views[b] for b in blocks]
+    return values.unbind()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -364,17 +301,21 @@ def apply_vanilla_single_tensor(blocks: Blocks, coefficients: Tensor, finite: Te
         if g is None:
             continue
         (direction,) = guard_directions([g], finite)
-        x.addcmul_(direction, per_block(coefficients, [b], x.device)[0], value=-blocks.lrs[b])
+        x.addcmul_(direction, per_block(coefficients, x.device)[b], value=-blocks.lrs[b])
 
 
 def apply_vanilla_multi_tensor(blocks: Blocks, coefficients: Tensor, finite: Tensor) -> None:
-    """KOALA-V, fast path: one `_foreach_addcmul_` per batch."""
-    for batch in segment_batches(blocks, with_grad=True):
-        device = batch.params[0].device
-        directions = guard_directions(batch.grads, finite)
-        torch._foreach_addcmul_(
-            batch.params, directions, per_block(coefficients, batch.blocks, device), value=-batch.lr
-        )
+    """KOALA-V, fast path: one `_foreach_addcmul_` per run (on the CPU, one fused `add_` per tensor)."""
+    for run in runs(blocks, with_grad=True):
+        xs, gs = run.params(blocks), run.grads(blocks)
+        if cpu_kernels.eligible([*xs, *gs]) and coefficients.device.type == "cpu":
+            if not bool(finite):
+                return  # skipped step (reading a host flag is free)
+            for x, g, c in zip(xs, gs, coefficients[run.start : run.stop].tolist(), strict=True):
+                x.add_(g, alpha=-run.lr * c)
+            continue
+        views = per_block(coefficients, xs[0].device)[run.start : run.stop]
+        torch._foreach_addcmul_(xs, guard_directions(gs, finite), list(views), value=-run.lr)
 
 
 @dataclass
@@ -406,10 +347,10 @@ def apply_momentum_single_tensor(
         if g is not None:
             lam, lr = blocks.weight_decays[b], blocks.lrs[b]
             (direction,) = guard_directions([g.add(x, alpha=lam) if lam != 0 else g], c.finite)
-            v.addcmul_(direction, per_block(c.velocity_gains, [b], x.device)[0], value=-lr)
-            x.addcmul_(direction, per_block(c.weight_gains, [b], x.device)[0], value=-lr)
+            v.addcmul_(direction, per_block(c.velocity_gains, x.device)[b], value=-lr)
+            x.addcmul_(direction, per_block(c.weight_gains, x.device)[b], value=-lr)
         difference = x - avg
-        weight = per_block(c.average_weights, [b], x.device)[0]
+        weight = per_block(c.average_weights, x.device)[b]
         avg.addcmul_(difference, weight)
         norm = torch.linalg.vector_norm(difference, dtype=norm_dtype(x.dtype))
         drift.append((norm.to(c.take.device, c.take.dtype) * (1 - weight.to(c.take.device))).square())
@@ -420,24 +361,57 @@ def apply_momentum_single_tensor(
 def apply_momentum_multi_tensor(
     blocks: Blocks, velocities: list[Tensor], averages: list[Tensor], c: MomentumCoefficients
 ) -> Tensor:
-    """KOALA-M, fast path: the same passes as `apply_momentum_single_tensor`, as foreach calls per batch."""
+    """KOALA-M, fast path: the passes of `apply_momentum_single_tensor` as foreach calls per run, or on the CPU as
+    one fused kernel per tensor."""
+    grads = [g for g in blocks.grads if g is not None]
+    if cpu_kernels.eligible([*blocks.params, *grads, *velocities]) and c.take.device.type == "cpu":
+        return _apply_momentum_cpu(blocks, velocities, averages, c)
     drift = torch.zeros((), device=c.take.device, dtype=c.take.dtype)
-    for with_grad in (True, False):
-        for batch in segment_batches(blocks, with_grad=with_grad, state=(velocities, averages)):
-            x, (v, avg) = batch.params, batch.state
-            device = x[0].device
-            torch._foreach_mul_(v, c.velocity_decay.to(device))
-            if with_grad:
-                lam, lr = batch.weight_decay, batch.lr
-                augmented = list(torch._foreach_add(batch.grads, x, alpha=lam)) if lam != 0 else batch.grads
-                direction = guard_directions(augmented, c.finite)
-                torch._foreach_addcmul_(v, direction, per_block(c.velocity_gains, batch.blocks, device), value=-lr)
-                torch._foreach_addcmul_(x, direction, per_block(c.weight_gains, batch.blocks, device), value=-lr)
-            difference = torch._foreach_sub(x, avg)
-            weights = per_block(c.average_weights, batch.blocks, device)
-            torch._foreach_addcmul_(avg, difference, weights)
-            norms = torch.stack(torch._foreach_norm(difference, 2, dtype=norm_dtype(x[0].dtype)))
-            kept = 1 - torch.stack(weights)
-            drift = drift + (norms.to(drift.device, drift.dtype) * kept.to(drift.device)).square().sum()
-            torch._foreach_addcmul_(x, v, [c.take.to(device)] * len(x))
+    for run in runs(blocks, with_grad=None):
+        xs = run.params(blocks)
+        v, avg = velocities[run.start : run.stop], averages[run.start : run.stop]
+        device = xs[0].device
+        torch._foreach_mul_(v, c.velocity_decay.to(device))
+        gs = run.grads(blocks)
+        if gs:
+            lam, lr = run.weight_decay, run.lr
+            augmented = list(torch._foreach_add(gs, xs, alpha=lam)) if lam != 0 else gs
+            direction = guard_directions(augmented, c.finite)
+            velocity_gains = list(per_block(c.velocity_gains, device)[run.start : run.stop])
+            weight_gains = list(per_block(c.weight_gains, device)[run.start : run.stop])
+            torch._foreach_addcmul_(v, direction, velocity_gains, value=-lr)
+            torch._foreach_addcmul_(xs, direction, weight_gains, value=-lr)
+        difference = torch._foreach_sub(xs, avg)
+        weights = list(per_block(c.average_weights, device)[run.start : run.stop])
+        torch._foreach_addcmul_(avg, difference, weights)
+        norms = torch.stack(torch._foreach_norm(difference, 2, dtype=norm_dtype(xs[0].dtype)))
+        kept = 1 - c.average_weights[run.start : run.stop]
+        drift = drift + (norms.to(drift.device, drift.dtype) * kept.to(drift.device)).square().sum()
+        torch._foreach_addcmul_(xs, v, [c.take.to(device)] * len(xs))
     return drift
+
+
+def _apply_momentum_cpu(
+    blocks: Blocks, velocities: list[Tensor], averages: list[Tensor], c: MomentumCoefficients
+) -> Tensor:
+    if not bool(c.take):
+        return torch.zeros_like(c.take)  # skipped step: nothing moves (reading a host flag is free)
+    drift = 0.0
+    weight_gains, velocity_gains = c.weight_gains.tolist(), c.velocity_gains.tolist()
+    average_weights, kappa = c.average_weights.tolist(), float(c.velocity_decay)
+    for run in runs(blocks, with_grad=None):
+        lr = run.lr
+        window = slice(run.start, run.stop)
+        drift += cpu_kernels.momentum_update(
+            run.params(blocks),
+            blocks.grads[window],
+            velocities[window],
+            averages[window],
+            run.weight_decay,
+            kappa,
+            [lr * k for k in weight_gains[window]],
+            [lr * k for k in velocity_gains[window]],
+            average_weights[window],
+            shift=1.0,
+        )
+    return torch.full_like(c.take, drift)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from koala import KoalaM, KoalaV
+from koala import KoalaM, KoalaV, cpu_kernels
 
 OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
 DTYPES = [torch.float32, torch.float64]
@@ -72,12 +72,14 @@ def test_loss_decreases(factory: Factory, dtype: torch.dtype, foreach: bool) -> 
 
 @parametrize_opt
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_foreach_matches_for_loop(factory: Factory, dtype: torch.dtype) -> None:
-    """Params and state of both paths agree, including a tensor large enough to be split into CPU segments."""
+def test_foreach_matches_for_loop(factory: Factory, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Params and state agree between the loop, the foreach kernels and the fused CPU kernels (parallel and serial
+    sizes, several groups, a block with zero gradient on some steps)."""
     results = []
-    for foreach in (False, True):
+    for foreach, fused in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(cpu_kernels, "ENABLED", fused)
         torch.manual_seed(3)
-        big = nn.Parameter(torch.randn(700, 600, dtype=dtype) * 0.01)  # 420k elements: several CPU segments
+        big = nn.Parameter(torch.randn(700, 600, dtype=dtype) * 0.01)  # 420k elements: the parallel CPU kernel
         small = nn.Parameter(torch.randn(7, dtype=dtype))
         extra = nn.Parameter(torch.randn(3, 3, dtype=dtype))
         opt = factory([{"params": [big, small]}, {"params": [extra], "lr": 0.5, "weight_decay": 1e-3}], foreach=foreach)
@@ -89,11 +91,12 @@ def test_foreach_matches_for_loop(factory: Factory, dtype: torch.dtype) -> None:
             losses.mean().backward()
             opt.step(loss=losses.detach())
         results.append(([p.detach().clone() for p in (big, small, extra)], copy.deepcopy(opt.state_dict()["state"])))
-    (params_loop, state_loop), (params_foreach, state_foreach) = results
+    (params_loop, state_loop), *others = results
     tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-13}
-    for a, b in zip(params_loop, params_foreach, strict=True):
-        torch.testing.assert_close(a, b, **tol)
-    torch.testing.assert_close(state_loop, state_foreach, **tol)
+    for params_other, state_other in others:
+        for a, b in zip(params_loop, params_other, strict=True):
+            torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(state_loop, state_other, **tol)
 
 
 @parametrize_opt

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from koala import KoalaM, KoalaV
+from koala import KoalaM, KoalaV, cpu_kernels
 
 STEPS = 60
 LR_CHANGE_AT = 30
@@ -156,14 +156,23 @@ def _losses_and_grads(fn: LossFn, weights: list[Tensor], k: int) -> tuple[Tensor
     return losses.detach(), list(grads)
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["single-tensor", "multi-tensor"])
+@pytest.mark.parametrize(
+    ("foreach", "fused_cpu"), [(False, False), (True, False), (True, True)], ids=["single-tensor", "foreach", "fused"]
+)
 @pytest.mark.parametrize("variant", ["V", "M"])
 @pytest.mark.parametrize(
     ("problem", "weight_decay"), [(linear_regression, 0.0), (mlp_with_intermittent_head, 5e-3)], ids=["linreg", "mlp"]
 )
 def test_matches_reference_step_by_step(
-    problem: Callable[[], tuple[list[Tensor], LossFn]], weight_decay: float, variant: str, foreach: bool
+    problem: Callable[[], tuple[list[Tensor], LossFn]],
+    weight_decay: float,
+    variant: str,
+    foreach: bool,
+    fused_cpu: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """All three implementations: the loop, foreach kernels, and the fused CPU kernels of the multi-tensor path."""
+    monkeypatch.setattr(cpu_kernels, "ENABLED", fused_cpu)
     initial, loss_fn = problem()
     reference = (ReferenceKoalaV if variant == "V" else ReferenceKoalaM)(initial, weight_decay)
     params = [torch.nn.Parameter(w.clone()) for w in initial]
