@@ -6,6 +6,7 @@ or hyperparameters fail early with the list of what is valid.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -111,3 +112,64 @@ register(OptimizerSpec("sgd", _sgd, "Plain SGD"))
 register(OptimizerSpec("momentum", _momentum, "SGD with (heavy-ball or Nesterov) momentum"))
 register(OptimizerSpec("adam", _adam, "Adam (Kingma and Ba)"))
 register(OptimizerSpec("adamw", _adamw, "AdamW, decoupled weight decay (Loshchilov and Hutter)"))
+
+
+# ---- hyperparameter-free anchors, registered when the `anchors` extra is installed -----------------------------------
+
+
+def _prodigy(
+    params: ParamsT,
+    lr: float = 1.0,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    weight_decay: float = 0.0,
+    d_coef: float = 1.0,
+    safeguard_warmup: bool = False,
+) -> torch.optim.Optimizer:
+    from prodigyopt import Prodigy
+
+    return Prodigy(  # type: ignore[no-any-return]
+        params,
+        lr=lr,
+        betas=(beta1, beta2),
+        weight_decay=weight_decay,
+        d_coef=d_coef,
+        safeguard_warmup=safeguard_warmup,
+    )
+
+
+def _schedule_free_adamw(
+    params: ParamsT,
+    lr: float = 0.0025,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+) -> torch.optim.Optimizer:
+    from schedulefree import AdamWScheduleFree
+
+    optimizer = AdamWScheduleFree(
+        params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, warmup_steps=warmup_steps
+    )
+    optimizer.train()  # Schedule-Free starts in eval mode; the training loop switches through train()/eval()
+    return optimizer  # type: ignore[no-any-return]
+
+
+def _dadapt_adam(
+    params: ParamsT, lr: float = 1.0, beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    from dadaptation import DAdaptAdam
+
+    return DAdaptAdam(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)  # type: ignore[no-any-return]
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+if _installed("prodigyopt"):
+    register(OptimizerSpec("prodigy", _prodigy, "Prodigy: D-Adaptation with a Prodigy step-size estimate (lr=1)"))
+if _installed("schedulefree"):
+    register(OptimizerSpec("schedule-free-adamw", _schedule_free_adamw, "Schedule-Free AdamW (Defazio et al.)"))
+if _installed("dadaptation"):
+    register(OptimizerSpec("dadapt-adam", _dadapt_adam, "D-Adaptation Adam (Defazio and Mishchenko)"))

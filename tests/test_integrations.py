@@ -167,7 +167,7 @@ def test_registry_names_and_create() -> None:
 
 
 def test_registry_rejects_unknown_names_and_hyperparameters() -> None:
-    with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; valid names: adam, adamw, koala-m, koala-v"):
+    with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; valid names: adam, adamw, .*koala-m, koala-v"):
         optimizers.create("lion", make_model().parameters())
     with pytest.raises(
         ValueError, match=r"unknown hyperparameter\(s\) betas for optimizer 'koala-m'; valid: .*momentum"

@@ -1,0 +1,323 @@
+"""CIFAR workloads on small files in the real python-pickle format, written by the tests."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import koala.workloads
+from koala.workloads.cifar import CIFAR10, CIFAR100, CifarConfig, CifarDataset, CifarResNet18
+
+PER_FILE = 20  # CIFAR-10 images per data_batch file
+N_TEST = 30
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+
+def make_images(first: int, count: int, seed: int) -> np.ndarray:
+    """uint8 (count, 3072) random pixels, with pixel (channel 0, row 0, column 0) = the image's global index."""
+    images = np.random.default_rng(seed).integers(0, 256, (count, 3072), dtype=np.uint8)
+    images[:, 0] = np.arange(first, first + count) % 256
+    return images
+
+
+def label_of(index: Tensor | np.ndarray, num_classes: int) -> Any:
+    return (index * 7 + 3) % num_classes
+
+
+def write_pickle(path: Path, content: dict[bytes, Any]) -> None:
+    with path.open("wb") as f:
+        pickle.dump(content, f)
+
+
+def write_cifar10(root: Path) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for k in range(5):
+        index = np.arange(k * PER_FILE, (k + 1) * PER_FILE)
+        content = {b"data": make_images(index[0], PER_FILE, k), b"labels": label_of(index, 10).tolist()}
+        write_pickle(folder / f"data_batch_{k + 1}", {b"batch_label": b"training batch", **content})
+    test = np.arange(N_TEST)
+    write_pickle(folder / "test_batch", {b"data": make_images(0, N_TEST, 99), b"labels": label_of(test, 10).tolist()})
+    return folder
+
+
+def write_cifar100(root: Path, n_train: int = 50) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, count, seed in (("train", n_train, 0), ("test", N_TEST, 99)):
+        fine = label_of(np.arange(count), 100)
+        content = {
+            b"data": make_images(0, count, seed),
+            b"fine_labels": fine.tolist(),
+            b"coarse_labels": (fine // 5).tolist(),
+        }
+        write_pickle(folder / name, content)
+    return folder
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path: Path) -> Path:
+    write_cifar10(tmp_path)
+    return tmp_path
+
+
+def tiny(name: str, data_dir: Path, **overrides: Any) -> CifarResNet18:
+    workload = koala.workloads.get(name, **{**CifarConfig.tiny(), "data_dir": str(data_dir), **overrides})
+    assert isinstance(workload, CifarResNet18)
+    return workload
+
+
+def unnormalise(images: Tensor, dataset: CifarDataset) -> Tensor:
+    """float (B, 3, 32, 32) -> the uint8 pixels it came from, (B, 3, 32, 32)."""
+    mean, std = torch.tensor(dataset.mean).view(1, 3, 1, 1), torch.tensor(dataset.std).view(1, 3, 1, 1)
+    return ((images * std + mean) * 255).round().to(torch.uint8)
+
+
+def epoch(workload: CifarResNet18, seed: int) -> list[tuple[Tensor, ...]]:
+    return list(workload.train_batches(0, torch.Generator().manual_seed(seed)))
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+
+
+def test_cifar10_pixels_and_labels_round_trip(cifar10_dir: Path) -> None:
+    workload = tiny("cifar10-resnet18", cifar10_dir, augment=False, limit_train=0)
+    expected = torch.from_numpy(
+        np.concatenate([make_images(k * PER_FILE, PER_FILE, k) for k in range(5)]).reshape(-1, 3, 32, 32)
+    )
+    batches = epoch(workload, 0)
+    assert len(batches) == 5 * PER_FILE // 16  # the last partial batch is dropped
+    seen = []
+    for images, labels in batches:
+        assert images.shape == (16, 3, 32, 32)
+        assert images.dtype == torch.float32
+        assert labels.shape == (16,)
+        assert labels.dtype == torch.int64
+        pixels = unnormalise(images, CIFAR10)
+        index = pixels[:, 0, 0, 0].long()  # the global index written into each image
+        torch.testing.assert_close(pixels, expected[index], rtol=0, atol=0)
+        torch.testing.assert_close(labels, label_of(index, 10), rtol=0, atol=0)
+        seen += index.tolist()
+    assert len(set(seen)) == len(seen) == 96
+
+
+def test_cifar100_reads_fine_labels(tmp_path: Path) -> None:
+    write_cifar100(tmp_path)
+    workload = tiny("cifar100-resnet18", tmp_path, augment=False)
+    images, labels = next(iter(epoch(workload, 0)))
+    index = unnormalise(images, CIFAR100)[:, 0, 0, 0].long()
+    torch.testing.assert_close(labels, label_of(index, 100), rtol=0, atol=0)
+    assert workload.build_model()(images).shape == (16, 100)
+    assert set(workload.evaluate(workload.build_model().eval())) == {"val_accuracy", "val_top5_accuracy", "val_loss"}
+
+
+def test_limits_cut_the_splits(cifar10_dir: Path) -> None:
+    workload = tiny("cifar10-resnet18", cifar10_dir, limit_train=48, limit_val=7)
+    assert len(workload.split("train")[0]) == 48
+    assert len(workload.split("test")[0]) == 7
+    assert sorted(i for _, labels in epoch(workload, 0) for i in labels.tolist()) == sorted(
+        label_of(np.arange(48), 10).tolist()
+    )
+
+
+def test_shuffle_is_deterministic_per_generator(cifar10_dir: Path) -> None:
+    workload = tiny("cifar10-resnet18", cifar10_dir)
+    a, b, c = epoch(workload, 0), epoch(workload, 0), epoch(workload, 1)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb)
+        assert torch.equal(ya, yb)
+    assert not all(torch.equal(ya, yc) for (_, ya), (_, yc) in zip(a, c, strict=True))
+
+
+def test_augmentation_is_a_crop_and_flip_of_each_image(cifar10_dir: Path) -> None:
+    plain = tiny("cifar10-resnet18", cifar10_dir, augment=False)
+    augmented = tiny("cifar10-resnet18", cifar10_dir)
+    # The shuffle is drawn before the augmentation, so the same seed gives the same images in the same order.
+    (original, labels), (images, same_labels) = epoch(plain, 3)[0], epoch(augmented, 3)[0]
+    assert torch.equal(labels, same_labels)
+    assert images.shape == original.shape
+    source = F.pad(unnormalise(original, CIFAR10), (4, 4, 4, 4))  # (B, 3, 40, 40), zero padding
+    result = unnormalise(images, CIFAR10)
+    flips, shifts = 0, 0
+    for i in range(len(result)):
+        crops = {(top, left): source[i, :, top : top + 32, left : left + 32] for top in range(9) for left in range(9)}
+        matches = [
+            (top, left, flip)
+            for (top, left), crop in crops.items()
+            for flip in (False, True)
+            if torch.equal(result[i], crop.flip(-1) if flip else crop)
+        ]
+        assert len(matches) == 1, f"image {i} is not one crop/flip of its original"
+        top, left, flip = matches[0]
+        flips += flip
+        shifts += (top, left) != (4, 4)
+    assert 0 < flips < len(result)
+    assert shifts > 0
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(epoch(augmented, 3), epoch(augmented, 3), strict=True))
+    assert not torch.equal(images, epoch(augmented, 4)[0][0])
+
+
+# ---- data directory ------------------------------------------------------------------------------------------------
+
+
+def test_data_dir_may_be_the_folder_or_its_parent(cifar10_dir: Path) -> None:
+    by_parent = tiny("cifar10-resnet18", cifar10_dir).split("test")
+    by_folder = tiny("cifar10-resnet18", cifar10_dir / "cifar-10-batches-py").split("test")
+    assert torch.equal(by_parent[0], by_folder[0])
+    assert torch.equal(by_parent[1], by_folder[1])
+
+
+def test_data_dir_falls_back_to_environment(cifar10_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOALA_DATA_DIR", str(cifar10_dir))
+    workload = koala.workloads.get("cifar10-resnet18", **CifarConfig.tiny())
+    assert isinstance(workload, CifarResNet18)
+    assert len(workload.split("test")[0]) == N_TEST
+
+
+def test_no_data_dir_names_files_and_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KOALA_DATA_DIR", raising=False)
+    workload = koala.workloads.get("cifar100-resnet18")
+    with pytest.raises(FileNotFoundError, match="KOALA_DATA_DIR") as error:
+        workload.evaluate(nn.Linear(1, 1))
+    assert "cifar-100-python" in str(error.value)
+    assert CIFAR_URL in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["cifar10-resnet18", "cifar100-resnet18"])
+def test_missing_directory_names_files_and_source(tmp_path: Path, name: str) -> None:
+    workload = tiny(name, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as error:
+        epoch(workload, 0)
+    message = str(error.value)
+    dataset = workload.dataset
+    assert dataset.folder in message
+    assert CIFAR_URL in message
+    assert dataset.tarball in message
+    assert all(file in message for file in dataset.files)
+
+
+def test_missing_file_is_named(cifar10_dir: Path) -> None:
+    (cifar10_dir / "cifar-10-batches-py" / "data_batch_4").unlink()
+    for data_dir in (cifar10_dir, cifar10_dir / "cifar-10-batches-py"):
+        with pytest.raises(FileNotFoundError, match=r"missing in .*cifar-10-batches-py'?: data_batch_4\. "):
+            tiny("cifar10-resnet18", data_dir).evaluate(nn.Linear(1, 1))
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"not a pickle", "not a CIFAR python-pickle file"),
+        ({b"data": np.zeros((4, 3000), np.uint8), b"labels": [0] * 4}, "shape"),
+        ({b"data": np.zeros((4, 3072), np.float32), b"labels": [0] * 4}, "uint8"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, "4 images"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}, r"\[0, 10\)"),
+        ({b"data": np.zeros((4, 3072), np.uint8)}, "keys"),
+    ],
+)
+def test_corrupt_file_is_named(cifar10_dir: Path, content: Any, problem: str) -> None:
+    path = cifar10_dir / "cifar-10-batches-py" / "test_batch"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        write_pickle(path, content)
+    with pytest.raises(ValueError, match=problem) as error:
+        tiny("cifar10-resnet18", cifar10_dir).evaluate(nn.Linear(1, 1))
+    assert str(path) in str(error.value)
+
+
+# ---- config ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"colour": True}, "colour"),
+        ({"width": "8"}, "width"),
+        ({"augment": 1}, "augment"),
+        ({"data_dir": 3}, "data_dir"),
+        ({"width": 0}, "width"),
+        ({"limit_train": -1}, "limit_train"),
+        ({"limit_val": -1}, "limit_val"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_config_names_the_key(overrides: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        koala.workloads.get("cifar10-resnet18", **overrides)
+
+
+def test_batch_larger_than_training_set(cifar10_dir: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        epoch(tiny("cifar10-resnet18", cifar10_dir, batch_size=128), 0)
+
+
+# ---- model, loss, evaluation ---------------------------------------------------------------------------------------
+
+
+def test_resnet18_size() -> None:
+    model = koala.workloads.get("cifar10-resnet18").build_model()
+    parameters = list(model.parameters())
+    assert len(parameters) == 62
+    assert 11_100_000 < sum(p.numel() for p in parameters) < 11_200_000
+
+
+class Oracle(nn.Module):
+    """Reads each test image's index from its first pixel and predicts its label with probability `confidence`."""
+
+    def __init__(self, confidence: float, shift: int = 0) -> None:
+        super().__init__()
+        self.confidence, self.shift = confidence, shift
+        self.dummy = nn.Parameter(torch.zeros(()))  # for model_device
+
+    def forward(self, images: Tensor) -> Tensor:
+        index = unnormalise(images, CIFAR10)[:, 0, 0, 0].long()
+        target = (label_of(index, 10) + self.shift) % 10
+        rest = (1 - self.confidence) / 9
+        probabilities = torch.full((len(images), 10), rest).scatter(1, target[:, None], self.confidence)
+        return probabilities.log()
+
+
+def test_evaluate_computes_accuracy_and_loss(cifar10_dir: Path) -> None:
+    workload = tiny("cifar10-resnet18", cifar10_dir, limit_val=0, batch_size=8)  # 30 images: batches 16, 14
+    metrics = workload.evaluate(Oracle(0.5))
+    assert metrics["val_accuracy"] == metrics["val_top5_accuracy"] == 1.0
+    assert metrics["val_loss"] == pytest.approx(-np.log(0.5), rel=1e-5)
+    assert workload.evaluate(Oracle(0.5, shift=1))["val_accuracy"] == 0.0
+
+
+def test_evaluate_and_sgd_steps_on_tiny_resnet(cifar10_dir: Path) -> None:
+    torch.manual_seed(0)
+    workload = tiny("cifar10-resnet18", cifar10_dir)
+    model = workload.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batch = epoch(workload, 0)[0]
+    first = workload.losses(model, batch)
+    assert first.shape == (16,)
+    assert torch.isfinite(first).all()
+    for _ in range(4):  # one batch, fitted: the loss must fall
+        optimizer.zero_grad()
+        workload.losses(model, batch).mean().backward()
+        optimizer.step()
+    assert workload.losses(model, batch).mean() < first.mean()
+    model.eval()
+    metrics = workload.evaluate(model)
+    assert set(metrics) == {"val_accuracy", "val_top5_accuracy", "val_loss"}
+    assert all(isinstance(value, float) for value in metrics.values())
+    assert 0 <= metrics["val_accuracy"] <= metrics["val_top5_accuracy"] <= 1
+    assert 0 < metrics["val_loss"] < 20
+
+
+def test_pickling_drops_loaded_data(cifar10_dir: Path) -> None:
+    workload = tiny("cifar10-resnet18", cifar10_dir)
+    workload.split("test")
+    copy = pickle.loads(pickle.dumps(workload))
+    assert copy.config == workload.config
+    assert copy._splits == {}
+    assert torch.equal(copy.split("test")[1], workload.split("test")[1])
