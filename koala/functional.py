@@ -19,11 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from koala import cpu_kernels
+
+#: A float64 tensor, or a NumPy array on the fused CPU path (the same filter code runs on both).
+Array = Any
+#: `torch` or `numpy`: the array namespace of the filter's scalar arithmetic.
+Namespace = ModuleType
 
 #: Raw-gradient norm below which a block is not updated (official code, departure D6).
 GRADIENT_THRESHOLD = 1e-9
@@ -52,27 +60,22 @@ class Blocks:
 
 @dataclass
 class Measurement:
-    """What one step observes, as float64 tensors on the filter device."""
+    """What one step observes, in float64: tensors on the filter device, or NumPy arrays on the fused CPU path."""
 
-    loss: Tensor  # L, 0-d
-    loss_second_moment: Tensor  # m2, 0-d
-    grad_norms: Tensor  # |g_b|, shape (B,); 0 for blocks without gradient
-    augmented_sq_norms: Tensor  # G_b, shape (B,)
-    l2_terms: Tensor  # lam_b / 2 |x_b|^2, shape (B,)
-    has_grad: Tensor  # bool (B,)
+    loss: Array  # L, 0-d
+    loss_second_moment: Array  # m2, 0-d
+    grad_norms: Array  # |g_b|, shape (B,); 0 for blocks without gradient
+    augmented_sq_norms: Array  # G_b, shape (B,)
+    l2_terms: Array  # lam_b / 2 |x_b|^2, shape (B,)
+    has_grad: Array  # bool (B,)
 
-    @property
-    def finite(self) -> Tensor:
+    def finite(self, xp: Namespace) -> Array:
         """0-d bool: every statistic is finite (NaN/inf anywhere skips the whole step)."""
-        stats = torch.cat(
-            (
-                torch.stack((self.loss, self.loss_second_moment)),
-                self.grad_norms,
-                self.augmented_sq_norms,
-                self.l2_terms,
-            )
-        )
-        return torch.isfinite(stats).all()
+        vectors = (self.grad_norms, self.augmented_sq_norms, self.l2_terms)
+        finite = xp.isfinite(self.loss) & xp.isfinite(self.loss_second_moment)
+        for vector in vectors:
+            finite = finite & xp.isfinite(vector).all()
+        return finite
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -111,7 +114,7 @@ def measure_single_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.
 
 
 def measure_multi_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.device) -> Measurement:
-    """Fast path: per run of blocks, one foreach norm per statistic, or one fused CPU pass for all three."""
+    """Fast path: per run of blocks, one foreach norm per statistic."""
     nblocks = len(blocks)
     dtype = moments.dtype
     grad_sq = torch.zeros(nblocks, device=filter_device, dtype=dtype)
@@ -120,16 +123,12 @@ def measure_multi_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.d
     for run in runs(blocks, with_grad=True):
         xs, gs = run.params(blocks), run.grads(blocks)
         lam = run.weight_decay
-        if cpu_kernels.eligible([*xs, *gs]) and filter_device.type == "cpu":
-            sums = torch.tensor(cpu_kernels.block_sums(gs, xs, lam), dtype=dtype)  # (n, 3), host data on the host
-            g_sq, a_sq, x_sq = sums.unbind(1)
-        else:
-            acc = norm_dtype(xs[0].dtype)
-            g_sq = _stacked_sq_norms(gs, acc, filter_device, dtype)
-            a_sq, x_sq = g_sq, torch.zeros_like(g_sq)
-            if lam != 0:
-                a_sq = _stacked_sq_norms(torch._foreach_add(gs, xs, alpha=lam), acc, filter_device, dtype)
-                x_sq = _stacked_sq_norms(xs, acc, filter_device, dtype)
+        acc = norm_dtype(xs[0].dtype)
+        g_sq = _stacked_sq_norms(gs, acc, filter_device, dtype)
+        a_sq, x_sq = g_sq, torch.zeros_like(g_sq)
+        if lam != 0:
+            a_sq = _stacked_sq_norms(torch._foreach_add(gs, xs, alpha=lam), acc, filter_device, dtype)
+            x_sq = _stacked_sq_norms(xs, acc, filter_device, dtype)
         grad_sq[run.start : run.stop] = g_sq
         augmented[run.start : run.stop] = a_sq
         l2[run.start : run.stop] = x_sq * (lam / 2)
@@ -140,6 +139,23 @@ def measure_multi_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.d
         augmented_sq_norms=augmented,
         l2_terms=l2,
         has_grad=mask_from_flags([g is not None for g in blocks.grads], filter_device),
+    )
+
+
+def measure_fused_cpu(blocks: Blocks, moments: np.ndarray) -> Measurement:
+    """Fused CPU path: one kernel pass per tensor gives all three statistics; NumPy arrays out."""
+    nblocks = len(blocks)
+    sums = np.zeros((nblocks, 3))  # |g|^2, |a|^2, |x|^2 per block
+    for run in runs(blocks, with_grad=True):
+        sums[run.start : run.stop] = cpu_kernels.block_sums(run.grads(blocks), run.params(blocks), run.weight_decay)
+    half_decay = np.array(blocks.weight_decays) / 2
+    return Measurement(
+        loss=moments[0] / moments[2],
+        loss_second_moment=moments[1] / moments[2],
+        grad_norms=np.sqrt(sums[:, 0]),
+        augmented_sq_norms=sums[:, 1],
+        l2_terms=sums[:, 2] * half_decay,
+        has_grad=np.array([g is not None for g in blocks.grads]),
     )
 
 
@@ -227,22 +243,24 @@ def runs(blocks: Blocks, *, with_grad: bool | None) -> Iterator[Run]:
 class Gains:
     """The masked outcome of update_k before the weights move (lr excluded: it multiplies at apply time)."""
 
-    finite: Tensor  # 0-d bool: every statistic is finite
-    take: Tensor  # 0-d bool: the step is taken (finite and at least one block passes the threshold)
-    updated: Tensor  # bool (B,): blocks updated this step
-    scaled_gaps: Tensor  # (B,): (L + l2_b) / S_b, zero where not updated. Gain of block b = lr * P^[.,1] * this
-    rho: Tensor  # 0-d: R / (s^ G* + R), the contraction of the covariance
-    h: Tensor  # 0-d: G* / (s^ G* + R), the eigenvalue approximation h~ (eq. 27)
-    noise: Tensor  # 0-d: R_k (unchanged on a skipped step)
+    finite: Array  # 0-d bool: every statistic is finite
+    take: Array  # 0-d bool: the step is taken (finite and at least one block passes the threshold)
+    updated: Array  # bool (B,): blocks updated this step
+    scaled_gaps: Array  # (B,): (L + l2_b) / S_b, zero where not updated. Gain of block b = lr * P^[.,1] * this
+    rho: Array  # 0-d: R / (s^ G* + R), the contraction of the covariance
+    h: Array  # 0-d: G* / (s^ G* + R), the eigenvalue approximation h~ (eq. 27)
+    noise: Array  # 0-d: R_k (unchanged on a skipped step)
 
 
-def gains(measurement: Measurement, prior_xx: Tensor, noise: Tensor, noise_decay: float | None) -> Gains:
+def gains(
+    measurement: Measurement, prior_xx: Array, noise: Array, noise_decay: float | None, xp: Namespace = torch
+) -> Gains:
     """update_k up to the weight change: R_k, S_b = s^ G_b + R_k, the per-block gains and the covariance contraction.
 
     `prior_xx` is s^_k (KOALA-V) or P^_k[1,1] (KOALA-M). `noise_decay` None means a fixed R (`noise` holds it).
     """
     m = measurement
-    finite = m.finite
+    finite = m.finite(xp)
     updated = m.has_grad & (m.grad_norms >= GRADIENT_THRESHOLD) & finite
     take = finite & updated.any()
     if noise_decay is None:
@@ -250,10 +268,10 @@ def gains(measurement: Measurement, prior_xx: Tensor, noise: Tensor, noise_decay
     else:
         # R is an EMA of the loss second moment m2 (official rule, departure D4); masked so NaN never reaches it.
         blended = noise_decay * noise + (1 - noise_decay) * m.loss_second_moment
-        new_noise = torch.where(take, blended, noise)
-    augmented = torch.where(updated, m.augmented_sq_norms, 0.0)
+        new_noise = xp.where(take, blended, noise)
+    augmented = xp.where(updated, m.augmented_sq_norms, 0.0)
     innovation = prior_xx * augmented + new_noise  # S_b
-    scaled_gaps = torch.where(updated, (m.loss + m.l2_terms) / innovation, 0.0)
+    scaled_gaps = xp.where(updated, (m.loss + m.l2_terms) / innovation, 0.0)
     # max_b G_b / S_b is reached at the largest G_b; this closed form keeps P positive (koala-method.md 8.1).
     g_star = augmented.max()
     denominator = prior_xx * g_star + new_noise
@@ -266,6 +284,11 @@ def gains(measurement: Measurement, prior_xx: Tensor, noise: Tensor, noise_decay
         h=g_star / denominator,
         noise=new_noise,
     )
+
+
+def to_float(flag: Array, like: Array) -> Array:
+    """A bool as 0/1 in the float dtype of `like` (torch would turn `bool * 0.1` into float32)."""
+    return flag.to(like.dtype) if isinstance(flag, Tensor) else np.asarray(flag, dtype=np.float64)
 
 
 def guard_directions(directions: list[Tensor], finite: Tensor) -> list[Tensor]:
@@ -304,30 +327,33 @@ def apply_vanilla_single_tensor(blocks: Blocks, coefficients: Tensor, finite: Te
         x.addcmul_(direction, per_block(coefficients, x.device)[b], value=-blocks.lrs[b])
 
 
+def apply_vanilla_fused_cpu(blocks: Blocks, coefficients: np.ndarray, finite: bool) -> None:
+    """KOALA-V, fused CPU path: one in-place `add_` per tensor with a host scalar (reading it is free here)."""
+    if not finite:
+        return  # skipped step
+    for run in runs(blocks, with_grad=True):
+        for x, g, c in zip(run.params(blocks), run.grads(blocks), coefficients[run.start : run.stop], strict=True):
+            x.add_(g, alpha=-run.lr * float(c))
+
+
 def apply_vanilla_multi_tensor(blocks: Blocks, coefficients: Tensor, finite: Tensor) -> None:
-    """KOALA-V, fast path: one `_foreach_addcmul_` per run (on the CPU, one fused `add_` per tensor)."""
+    """KOALA-V, fast path: one `_foreach_addcmul_` per run."""
     for run in runs(blocks, with_grad=True):
         xs, gs = run.params(blocks), run.grads(blocks)
-        if cpu_kernels.eligible([*xs, *gs]) and coefficients.device.type == "cpu":
-            if not bool(finite):
-                return  # skipped step (reading a host flag is free)
-            for x, g, c in zip(xs, gs, coefficients[run.start : run.stop].tolist(), strict=True):
-                x.add_(g, alpha=-run.lr * c)
-            continue
         views = per_block(coefficients, xs[0].device)[run.start : run.stop]
         torch._foreach_addcmul_(xs, guard_directions(gs, finite), list(views), value=-run.lr)
 
 
 @dataclass
 class MomentumCoefficients:
-    """Per-block and global factors of one KOALA-M step (all device tensors)."""
+    """Per-block and global factors of one KOALA-M step (device tensors, or NumPy arrays on the fused CPU path)."""
 
-    weight_gains: Tensor  # (B,): P^[1,1] (L + l2_b) / S_b;  x_b -= lr * this * a_b
-    velocity_gains: Tensor  # (B,): P^[2,1] (L + l2_b) / S_b;  p_b -= lr * this * a_b
-    average_weights: Tensor  # (B,): 1 - AVERAGE_DECAY where the block is updated, else 0 (x_avg lerp weight)
-    velocity_decay: Tensor  # 0-d: kappa, or 1 on a skipped step
-    take: Tensor  # 0-d float: 1 when the step is taken, else 0 (gates the predict shift x += p)
-    finite: Tensor  # 0-d bool
+    weight_gains: Array  # (B,): P^[1,1] (L + l2_b) / S_b;  x_b -= lr * this * a_b
+    velocity_gains: Array  # (B,): P^[2,1] (L + l2_b) / S_b;  p_b -= lr * this * a_b
+    average_weights: Array  # (B,): 1 - AVERAGE_DECAY where the block is updated, else 0 (x_avg lerp weight)
+    velocity_decay: Array  # 0-d: kappa, or 1 on a skipped step
+    take: Array  # 0-d float: 1 when the step is taken, else 0 (gates the predict shift x += p)
+    finite: Array  # 0-d bool
 
 
 def apply_momentum_single_tensor(
@@ -361,11 +387,7 @@ def apply_momentum_single_tensor(
 def apply_momentum_multi_tensor(
     blocks: Blocks, velocities: list[Tensor], averages: list[Tensor], c: MomentumCoefficients
 ) -> Tensor:
-    """KOALA-M, fast path: the passes of `apply_momentum_single_tensor` as foreach calls per run, or on the CPU as
-    one fused kernel per tensor."""
-    grads = [g for g in blocks.grads if g is not None]
-    if cpu_kernels.eligible([*blocks.params, *grads, *velocities]) and c.take.device.type == "cpu":
-        return _apply_momentum_cpu(blocks, velocities, averages, c)
+    """KOALA-M, fast path: the passes of `apply_momentum_single_tensor` as foreach calls per run."""
     drift = torch.zeros((), device=c.take.device, dtype=c.take.dtype)
     for run in runs(blocks, with_grad=None):
         xs = run.params(blocks)
@@ -391,11 +413,12 @@ def apply_momentum_multi_tensor(
     return drift
 
 
-def _apply_momentum_cpu(
+def apply_momentum_fused_cpu(
     blocks: Blocks, velocities: list[Tensor], averages: list[Tensor], c: MomentumCoefficients
-) -> Tensor:
-    if not bool(c.take):
-        return torch.zeros_like(c.take)  # skipped step: nothing moves (reading a host flag is free)
+) -> float:
+    """KOALA-M, fused CPU path: one kernel pass per tensor (`koala.cpu_kernels`), NumPy coefficients."""
+    if not c.take:
+        return 0.0  # skipped step: nothing moves (reading a host flag is free)
     drift = 0.0
     weight_gains, velocity_gains = c.weight_gains.tolist(), c.velocity_gains.tolist()
     average_weights, kappa = c.average_weights.tolist(), float(c.velocity_decay)
@@ -414,4 +437,4 @@ def _apply_momentum_cpu(
             average_weights[window],
             shift=1.0,
         )
-    return torch.full_like(c.take, drift)
+    return drift
