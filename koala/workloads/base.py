@@ -78,7 +78,14 @@ class Workload(abc.ABC):
     description: ClassVar[str]
     metric: ClassVar[str]
     mode: ClassVar[Mode]
+    #: Further metrics `evaluate` reports, with their directions (every workload also reports val_loss).
+    extra_metrics: ClassVar[dict[str, Mode]] = {}
     Config: ClassVar[type[WorkloadConfig]] = WorkloadConfig
+
+    @classmethod
+    def metric_modes(cls) -> dict[str, Mode]:
+        """Every metric `evaluate` reports, with whether higher ("max") or lower ("min") is better."""
+        return {cls.metric: cls.mode, "val_loss": "min", **cls.extra_metrics}
 
     def __init__(self, config: WorkloadConfig) -> None:
         self.config = config

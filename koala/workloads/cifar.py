@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from koala.workloads.base import Batch, Workload, WorkloadConfig, data_directory, model_device
+from koala.workloads.base import Batch, Mode, Workload, WorkloadConfig, data_directory, model_device
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 IMAGE_SHAPE = (3, 32, 32)
@@ -249,6 +249,7 @@ class CifarResNet18(Workload):
 
     metric = "val_accuracy"
     mode = "max"
+    extra_metrics: ClassVar[dict[str, Mode]] = {"val_top5_accuracy": "max"}
     Config = CifarConfig
     dataset: ClassVar[CifarDataset]
 

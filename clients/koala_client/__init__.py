@@ -1,0 +1,1 @@
+"""The KOALA client: the `koala` command line (and, with the service, the Python SDK)."""

@@ -1,0 +1,366 @@
+"""The comparison engine: a JobSpec becomes Ray Tune trials whose results the driver records in Optuna.
+
+Planning. A fixed optimizer runs once per seed (phase `eval`). A tuned optimizer first runs `trials` TPE proposals
+on the first seed (phase `tune`, optionally early-stopped by ASHA), then its best configuration once per seed
+(phase `eval`). One Ray Tune run executes everything: `JobSearcher`, in the driver process, hands out the planned
+trials as Tune asks for them (eval trials once their optimizer's tuning has finished) and records every start,
+epoch and end in Optuna, so the driver is the only writer. `koala.train.run` does the training inside the trial.
+
+Ray: `RAY_ADDRESS` set means that cluster; unset means a local Ray started for the run and shut down after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.experiment import Trial as TuneTrial
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from service.jobspec import JobSpec, OptimizerEntry
+from service.recorder import OpenTrial, Phase, Recorder, finished_trials
+
+log = logging.getLogger(__name__)
+OBJECTIVE = "objective"  # the JobSpec metric, under one name for Tune's schedulers
+
+
+@dataclass(frozen=True)
+class Event:
+    """Progress of a job, for live displays: kind is started, epoch or finished."""
+
+    kind: str
+    optimizer: str
+    phase: Phase
+    seed: int
+    epoch: int = 0
+    value: float | None = None
+    state: str | None = None
+
+
+EventSink = Callable[[Event], None]
+
+
+@dataclass
+class _Planned:
+    entry: OptimizerEntry
+    phase: Phase
+    seed: int
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+
+class JobSearcher(Searcher):
+    """Hands out the job's planned trials and records them in Optuna (runs in the driver)."""
+
+    def __init__(
+        self, spec: JobSpec, recorder: Recorder, stop: threading.Event, on_event: EventSink | None = None
+    ) -> None:
+        super().__init__(metric=OBJECTIVE, mode="max" if spec.direction == "maximize" else "min")
+        self.spec = spec
+        self.stop = stop
+        self.recorder = recorder
+        self.on_event = on_event or (lambda event: None)
+        self.ready: deque[_Planned] = deque()
+        self.tuning_left: dict[str, int] = {}
+        for entry in spec.optimizers:
+            if entry.tuned:
+                assert entry.trials is not None
+                self.tuning_left[entry.name] = entry.trials
+                self.ready.extend(_Planned(entry, "tune", spec.seed_list[0]) for _ in range(entry.trials))
+            else:
+                self.ready.extend(_Planned(entry, "eval", seed, dict(entry.params)) for seed in spec.seed_list)
+        self.running: dict[str, OpenTrial] = {}
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its configuration to disk for restores; this searcher's live state (database, lock, callbacks)
+        # stays in the driver, and a job resumes from its Optuna studies instead.
+        unpicklable = {"recorder", "lock", "on_event", "running", "stop"}
+        return {k: v for k, v in self.__dict__.items() if k not in unpicklable}
+
+    # ---- Searcher interface ----------------------------------------------------------------------------------------
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]  # FINISHED is a str
+        with self.lock:
+            if self.stop.is_set():
+                return Searcher.FINISHED
+            if not self.ready:
+                return Searcher.FINISHED if not self.tuning_left else None  # eval trials wait for their tuning
+            planned = self.ready.popleft()
+            opened = self.recorder.open(planned.entry, planned.phase, planned.seed, planned.fixed)
+            self.running[trial_id] = opened
+        self.on_event(Event("started", planned.entry.name, planned.phase, planned.seed))
+        return {
+            "optimizer": planned.entry.name,
+            "hyperparams": opened.hyperparams,
+            "phase": planned.phase,
+            "seed": planned.seed,
+            "workload": self.spec.workload,
+            "workload_config": dict(self.spec.workload_config),
+            "epochs": self.spec.epochs,
+            "metric": self.spec.metric_name,
+            "gpu": self.spec.resources.gpu,
+            "cpu": self.spec.resources.cpu,
+        }
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        opened = self.running.get(trial_id)
+        if opened is None or "epoch" not in result or result.get("diverged"):
+            return
+        value = float(result[OBJECTIVE])
+        Recorder.report(opened, int(result["epoch"]), value)
+        opened.trial.set_user_attr("epochs_done", int(result["epoch"]))
+        self.on_event(Event("epoch", opened.optimizer, opened.phase, opened.seed, int(result["epoch"]), value))
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        with self.lock:
+            opened = self.running.pop(trial_id, None)
+            if opened is None:
+                return
+            state, value, reason = self._outcome(result, error)
+            attrs = {
+                "epochs_done": int((result or {}).get("epoch", 0)),
+                "wall_seconds": float((result or {}).get("wall_seconds", 0.0)),
+                "epoch_seconds": list((result or {}).get("epoch_seconds", [])),
+                "device": (result or {}).get("device", "unknown"),
+                "diverged": bool((result or {}).get("diverged", False)),
+            }
+            Recorder.close(opened, state, value=value, reason=reason, attrs=attrs)
+            optimizer = opened.optimizer
+            if opened.phase == "tune":
+                self.tuning_left[optimizer] -= 1
+                if self.tuning_left[optimizer] == 0:
+                    del self.tuning_left[optimizer]
+                    self._plan_evaluation(optimizer)
+        self.on_event(Event("finished", optimizer, opened.phase, opened.seed, state=state.name))
+
+    # ---- internals -------------------------------------------------------------------------------------------------
+
+    def _outcome(self, result: Mapping[str, Any] | None, error: bool) -> tuple[TrialState, float | None, str | None]:
+        if error:
+            return TrialState.FAIL, None, str((result or {}).get("error", "the trial raised an error"))
+        if not result:
+            return TrialState.PRUNED, None, "stopped before its first epoch"
+        if result.get("diverged"):
+            return TrialState.FAIL, None, "diverged"
+        if int(result.get("epoch", 0)) < self.spec.epochs:
+            return TrialState.PRUNED, None, "cancelled" if self.stop.is_set() else "early-stopped"
+        value = float(result[OBJECTIVE])
+        if not math.isfinite(value):
+            return TrialState.FAIL, None, "non-finite metric"
+        return TrialState.COMPLETE, value, None
+
+    def _plan_evaluation(self, optimizer: str) -> None:
+        """Queue the best tuning configuration of `optimizer` on every seed."""
+        entry = next(e for e in self.spec.optimizers if e.name == optimizer)
+        best = best_tuning_trial(self.recorder.study(optimizer))
+        if best is None:
+            # Nothing to evaluate: record the eval trials as failed so the plan is complete and the reason visible.
+            for seed in self.spec.seed_list:
+                opened = self.recorder.open(entry, "eval", seed, {})
+                Recorder.close(opened, TrialState.FAIL, reason="no tuning trial completed")
+            return
+        self.ready.extend(_Planned(entry, "eval", seed, dict(best.params)) for seed in self.spec.seed_list)
+
+
+def best_tuning_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The completed tuning trial with the best value (pruned trials never count as best)."""
+    completed = [t for t in finished_trials(study, "tune") if t.state == TrialState.COMPLETE and t.value is not None]
+    if not completed:
+        return None
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    return pick(completed, key=lambda t: t.value)  # type: ignore[arg-type, return-value]
+
+
+class TuningOnlyASHA(FIFOScheduler):
+    """ASHA for tuning trials only, one bracket set per optimizer; fixed and eval trials always run to the end."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        mode = "max" if spec.direction == "maximize" else "min"
+        self.schedulers = {
+            entry.name: AsyncHyperBandScheduler(
+                time_attr="epoch", metric=OBJECTIVE, mode=mode, max_t=spec.epochs, grace_period=1, reduction_factor=2
+            )
+            for entry in spec.optimizers
+            if entry.tuned
+        }
+
+    def _for(self, trial: TuneTrial) -> TrialScheduler | None:
+        config = trial.config
+        return self.schedulers.get(config.get("optimizer", "")) if config.get("phase") == "tune" else None
+
+    def on_trial_add(self, tune_controller: Any, trial: TuneTrial) -> None:
+        if (scheduler := self._for(trial)) is not None:
+            scheduler.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: TuneTrial, result: dict[str, Any]) -> str:
+        scheduler = self._for(trial)
+        if scheduler is None or result.get("diverged") or "epoch" not in result:
+            return TrialScheduler.CONTINUE
+        return str(scheduler.on_trial_result(tune_controller, trial, result))
+
+    def on_trial_complete(self, tune_controller: Any, trial: TuneTrial, result: dict[str, Any]) -> None:
+        if (scheduler := self._for(trial)) is not None:
+            scheduler.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: TuneTrial) -> None:
+        if (scheduler := self._for(trial)) is not None:
+            scheduler.on_trial_remove(tune_controller, trial)
+
+
+class StopFlag(tune.Stopper):
+    """Stops the whole run when `event` is set (the service's cancel, or Ctrl-C in `koala run`)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"event": None}  # a live flag: meaningless in the copy Tune writes to disk
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return self.event.is_set()
+
+    def stop_all(self) -> bool:
+        return self.event.is_set()
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The Ray Tune trainable: one `koala.train.run`, reporting every epoch with a checkpoint for retries."""
+    import torch
+
+    from koala import train
+
+    wants_gpu = float(config["gpu"]) > 0
+    device = "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(max(1, int(config["cpu"])))
+    started = time.perf_counter()
+    epoch_seconds: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="koala-trial-") as work:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:  # a retried trial (its node died): resume from the last epoch
+            with checkpoint.as_directory() as saved:
+                shutil.copytree(saved, work, dirs_exist_ok=True)
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            epoch_seconds.append(metrics["epoch_seconds"])
+            tune.report(
+                {
+                    **metrics,
+                    OBJECTIVE: metrics[config["metric"]],
+                    "epoch": epoch,
+                    "device": device,
+                    "wall_seconds": time.perf_counter() - started,
+                    "epoch_seconds": list(epoch_seconds),
+                },
+                checkpoint=tune.Checkpoint.from_directory(work),
+            )
+
+        result = train.run(
+            config["workload"],
+            config["optimizer"],
+            config["hyperparams"],
+            seed=int(config["seed"]),
+            epochs=int(config["epochs"]),
+            workload_config=config["workload_config"],
+            report=report,
+            checkpoint_dir=work,
+            device=device,
+        )
+        if result.diverged:
+            tune.report(
+                {
+                    "diverged": True,
+                    "epoch": result.diverged_at,
+                    OBJECTIVE: math.nan,
+                    "device": device,
+                    "wall_seconds": time.perf_counter() - started,
+                    "epoch_seconds": list(epoch_seconds),
+                }
+            )
+
+
+@dataclass
+class JobOutcome:
+    """How a run ended: state is succeeded, cancelled or failed."""
+
+    state: str
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def run_job(
+    spec: JobSpec,
+    recorder: Recorder,
+    *,
+    stop: threading.Event | None = None,
+    on_event: EventSink | None = None,
+    storage_path: str | os.PathLike[str] | None = None,
+    max_failures: int = 2,
+) -> JobOutcome:
+    """Execute every planned trial of `spec` on Ray Tune, recording in `recorder`'s studies.
+
+    Whatever ends the run (success, `stop`, an error, Ctrl-C), no trial is left RUNNING: trials a stop interrupted
+    are closed as PRUNED ("cancelled"), trials an error left behind as FAIL.
+    """
+    stop = stop or threading.Event()
+    started_ray = False
+    started = time.perf_counter()
+    scratch = Path(storage_path) if storage_path is not None else Path(tempfile.mkdtemp(prefix="koala-tune-"))
+    try:
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            started_ray = not address
+        searcher = JobSearcher(spec, recorder, stop, on_event)
+        trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=TuningOnlyASHA(spec) if spec.scheduler == "asha" else FIFOScheduler(),  # type: ignore[no-untyped-call]
+                num_samples=spec.planned_trials(),
+                max_concurrent_trials=spec.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=f"job-{recorder.job_id}",
+                storage_path=str(scratch.resolve()),
+                stop=StopFlag(stop),
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                verbose=0,
+            ),
+        )
+        tuner.fit()
+        if stop.is_set():
+            recorder.close_dangling("cancelled", TrialState.PRUNED)
+            return JobOutcome("cancelled", seconds=time.perf_counter() - started)
+        left = recorder.close_dangling("the run ended before this trial finished")
+        if left:
+            return JobOutcome("failed", f"{left} trial(s) did not finish", time.perf_counter() - started)
+        return JobOutcome("succeeded", seconds=time.perf_counter() - started)
+    except KeyboardInterrupt:
+        recorder.close_dangling("cancelled", TrialState.PRUNED)
+        raise
+    except Exception as error:  # recorded as the job's error; the trials are closed either way
+        log.exception("job %s failed", recorder.job_id)
+        recorder.close_dangling(f"job failed: {error}")
+        return JobOutcome("failed", f"{type(error).__name__}: {error}", time.perf_counter() - started)
+    finally:
+        if started_ray:
+            ray.shutdown()
+        if storage_path is None:
+            shutil.rmtree(scratch, ignore_errors=True)
