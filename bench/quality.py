@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -138,11 +139,13 @@ def summarise(name: str, outcomes: list[Outcome]) -> tuple[list[Row], dict[str, 
         groups.setdefault((o.trial.optimizer, o.trial.hyperparams), []).append(o)
 
     def row(label: str, members: list[Outcome]) -> Row:
+        # A diverged seed makes the whole row rank last (mean = the worst value), with the count shown.
         finals = [_final(o, worst) for o in members]
+        finite = all(math.isfinite(f) for f in finals)
         return Row(
             label,
-            statistics.mean(finals),
-            statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            statistics.mean(finals) if finite else worst,
+            statistics.stdev(finals) if finite and len(finals) > 1 else 0.0,
             _epochs_to_target(members, setting.target, maximise),
             sum(o.seconds for o in members),
             diverged=sum(o.diverged for o in members),
@@ -214,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json")
     parser.add_argument("--markdown")
+    parser.add_argument("--outcomes", default="quality-outcomes.jsonl", help="every finished trial, appended")
+    parser.add_argument("--summarise", metavar="JSONL", help="only rebuild the tables from a saved outcomes file")
     args = parser.parse_args(argv)
     names = args.workloads.split(",")
     unknown = sorted(set(names) - set(SETTINGS))
@@ -223,14 +228,35 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"optimizers {', '.join(missing)} are not installed: pip install '.[anchors]'")
 
-    trials = plan(names, args.seeds)
-    started = time.perf_counter()
+    if args.summarise:
+        lines = Path(args.summarise).read_text().splitlines()
+        outcomes = [_load_outcome(line) for line in lines if line.strip()]
+        names = [n for n in names if any(o.trial.workload == n for o in outcomes)]
+        trials, wall = [o.trial for o in outcomes], math.nan
+    else:
+        trials = plan(names, args.seeds)
+        started = time.perf_counter()
+        outcomes = _run(trials, args.jobs, args.outcomes)
+        wall = time.perf_counter() - started
+    return _write(names, outcomes, trials, wall, args)
+
+
+def _load_outcome(line: str) -> Outcome:
+    data = json.loads(line)
+    trial = data.pop("trial")
+    trial["hyperparams"] = tuple(tuple(pair) for pair in trial["hyperparams"])
+    return Outcome(Trial(**trial), **data)
+
+
+def _run(trials: list[Trial], jobs: int, outcomes_path: str) -> list[Outcome]:
     outcomes = []
-    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker) as pool, open(outcomes_path, "a") as log:
         futures = [pool.submit(run_trial, trial) for trial in trials]
         for done, future in enumerate(as_completed(futures), start=1):
             outcome = future.result()
             outcomes.append(outcome)
+            log.write(json.dumps(dataclasses.asdict(outcome)) + "\n")
+            log.flush()
             t = outcome.trial
             final = f"{outcome.curve[-1]:.4g}" if outcome.curve else "-"
             print(
@@ -239,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    wall = time.perf_counter() - started
+    return outcomes
 
+
+def _write(names: list[str], outcomes: list[Outcome], trials: list[Trial], wall: float, args: Any) -> int:
     header = (
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Python "
         f"{platform.python_version()}, torch {torch.__version__}; {len(trials)} trials in {args.jobs} worker "
