@@ -61,6 +61,7 @@ class _Planned:
     phase: Phase
     seed: int
     fixed: dict[str, Any] = field(default_factory=dict)
+    adopt: optuna.trial.FrozenTrial | None = None  # a trial a dead driver left RUNNING, re-run in place
 
 
 class JobSearcher(Searcher):
@@ -77,12 +78,7 @@ class JobSearcher(Searcher):
         self.ready: deque[_Planned] = deque()
         self.tuning_left: dict[str, int] = {}
         for entry in spec.optimizers:
-            if entry.tuned:
-                assert entry.trials is not None
-                self.tuning_left[entry.name] = entry.trials
-                self.ready.extend(_Planned(entry, "tune", spec.seed_list[0]) for _ in range(entry.trials))
-            else:
-                self.ready.extend(_Planned(entry, "eval", seed, dict(entry.params)) for seed in spec.seed_list)
+            self._plan(entry)
         self.running: dict[str, OpenTrial] = {}
         self.lock = threading.Lock()
 
@@ -101,7 +97,10 @@ class JobSearcher(Searcher):
             if not self.ready:
                 return Searcher.FINISHED if not self.tuning_left else None  # eval trials wait for their tuning
             planned = self.ready.popleft()
-            opened = self.recorder.open(planned.entry, planned.phase, planned.seed, planned.fixed)
+            if planned.adopt is not None:
+                opened = self.recorder.adopt(planned.adopt)
+            else:
+                opened = self.recorder.open(planned.entry, planned.phase, planned.seed, planned.fixed)
             self.running[trial_id] = opened
         self.on_event(Event("started", planned.entry.name, planned.phase, planned.seed))
         return {
@@ -164,17 +163,50 @@ class JobSearcher(Searcher):
             return TrialState.FAIL, None, "non-finite metric"
         return TrialState.COMPLETE, value, None
 
+    def _plan(self, entry: OptimizerEntry) -> None:
+        """Queue what is left of `entry`'s plan. A fresh job has no trials yet; a resumed one skips finished trials
+        and re-runs, in place, the ones its dead driver left RUNNING."""
+        if not entry.tuned:
+            self._plan_seeds(entry, dict(entry.params))
+            return
+        assert entry.trials is not None
+        trials = self.recorder.study(entry.name).get_trials(deepcopy=False)
+        tuning = [t for t in trials if t.user_attrs.get("phase") == "tune"]
+        finished = sum(t.state.is_finished() for t in tuning)
+        left = entry.trials - finished
+        if left <= 0:
+            self._plan_evaluation(entry.name)
+            return
+        self.tuning_left[entry.name] = left
+        adopted = [t for t in tuning if t.state == TrialState.RUNNING][:left]
+        seed = self.spec.seed_list[0]
+        self.ready.extend(_Planned(entry, "tune", seed, adopt=t) for t in adopted)
+        self.ready.extend(_Planned(entry, "tune", seed) for _ in range(left - len(adopted)))
+
+    def _plan_seeds(self, entry: OptimizerEntry, params: dict[str, Any]) -> None:
+        """Queue `params` on every seed that has no evaluation trial of `entry` yet (or only a RUNNING one)."""
+        trials = self.recorder.study(entry.name).get_trials(deepcopy=False)
+        evaluation = {int(t.user_attrs["seed"]): t for t in trials if t.user_attrs.get("phase") == "eval"}
+        for seed in self.spec.seed_list:
+            earlier = evaluation.get(seed)
+            if earlier is None:
+                self.ready.append(_Planned(entry, "eval", seed, dict(params)))
+            elif earlier.state == TrialState.RUNNING:
+                self.ready.append(_Planned(entry, "eval", seed, adopt=earlier))
+
     def _plan_evaluation(self, optimizer: str) -> None:
         """Queue the best tuning configuration of `optimizer` on every seed."""
         entry = next(e for e in self.spec.optimizers if e.name == optimizer)
         best = best_tuning_trial(self.recorder.study(optimizer))
         if best is None:
             # Nothing to evaluate: record the eval trials as failed so the plan is complete and the reason visible.
+            done = {t.user_attrs.get("seed") for t in finished_trials(self.recorder.study(optimizer), "eval")}
             for seed in self.spec.seed_list:
-                opened = self.recorder.open(entry, "eval", seed, {})
-                Recorder.close(opened, TrialState.FAIL, reason="no tuning trial completed")
+                if seed not in done:
+                    opened = self.recorder.open(entry, "eval", seed, {})
+                    Recorder.close(opened, TrialState.FAIL, reason="no tuning trial completed")
             return
-        self.ready.extend(_Planned(entry, "eval", seed, dict(best.params)) for seed in self.spec.seed_list)
+        self._plan_seeds(entry, dict(best.params))
 
 
 def best_tuning_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

@@ -14,7 +14,7 @@ optimizers:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -239,10 +239,14 @@ class SpecError(ValueError):
     def from_validation(cls, error: ValidationError) -> SpecError:
         errors = []
         for item in error.errors():
-            location = [str(part) for part in item["loc"] if not _is_union_tag(part)]
             message = item["msg"].removeprefix("Value error, ")
-            errors.append({"field": ".".join(location), "message": message})
+            errors.append({"field": cls.from_loc(item["loc"]), "message": message})
         return cls(errors)
+
+    @staticmethod
+    def from_loc(loc: Sequence[Any]) -> str:
+        """The dotted field path of a pydantic error location, without pydantic's union-member tags."""
+        return ".".join(str(part) for part in loc if not _is_union_tag(part))
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -123,10 +123,33 @@ class Recorder:
             study.enqueue_trial(chosen, skip_if_exists=False)
             trial = study.ask(fixed_distributions)
         hyperparams = {**entry.params, **chosen}
-        attrs = {"seed": seed, "phase": phase, "hyperparams": hyperparams, "epochs_done": 0, **(extra_attrs or {})}
+        attrs = {
+            "optimizer": entry.name,
+            "seed": seed,
+            "phase": phase,
+            "hyperparams": hyperparams,
+            "epochs_done": 0,
+            **(extra_attrs or {}),
+        }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return OpenTrial(entry.name, study, trial, phase, seed, hyperparams)
+
+    def adopt(self, frozen: optuna.trial.FrozenTrial) -> OpenTrial:
+        """Take over a trial a dead driver left RUNNING: it is re-run under the same trial (so each planned trial
+        appears exactly once in its study); its intermediate values are overwritten epoch by epoch."""
+        optimizer = frozen.user_attrs.get("optimizer") or self._optimizer_of(frozen)
+        study = self._studies[optimizer]
+        trial = optuna.Trial(study, frozen._trial_id)
+        trial.set_user_attr("restarts", int(frozen.user_attrs.get("restarts", 0)) + 1)
+        attrs = frozen.user_attrs
+        return OpenTrial(optimizer, study, trial, attrs["phase"], int(attrs["seed"]), dict(attrs["hyperparams"]))
+
+    def _optimizer_of(self, frozen: optuna.trial.FrozenTrial) -> str:
+        for name, study in self._studies.items():
+            if any(t._trial_id == frozen._trial_id for t in study.get_trials(deepcopy=False)):
+                return name
+        raise LookupError(f"trial {frozen._trial_id} belongs to no study of job {self.job_id}")
 
     @staticmethod
     def report(open_trial: OpenTrial, epoch: int, value: float) -> None:

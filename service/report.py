@@ -16,61 +16,11 @@ from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import BaseModel
 
 from service.recorder import job_study_names
+from service.schemas import CurvePoint, HpoCost, OptimizerReport, Report, TargetReach
 
-
-class CurvePoint(BaseModel):
-    epoch: int
-    mean: float
-    std: float
-    n: int  # seeds that reported this epoch
-
-
-class TargetReach(BaseModel):
-    reached: int  # evaluation trials that reached the target
-    of: int
-    epochs_mean: float | None = None
-    seconds_mean: float | None = None
-
-
-class OptimizerReport(BaseModel):
-    optimizer: str
-    mode: Literal["fixed", "tuned"]
-    hyperparams: dict[str, Any]
-    trials: dict[str, int]  # state name -> count
-    final_mean: float | None
-    final_std: float | None
-    final_min: float | None
-    final_max: float | None
-    seeds: int  # evaluation trials with a final value
-    curve: list[CurvePoint]
-    target: TargetReach | None
-    compute_seconds: float
-    tuning_seconds: float
-
-
-class HpoCost(BaseModel):
-    optimizer: str
-    koala_optimizer: str
-    koala_result: float
-    matched: bool
-    tuning_seconds_to_match: float | None  # None when no tuning trial matched
-    tuning_trials_to_match: int | None
-    koala_seconds_per_run: float
-    ratio: float | None  # tuning_seconds_to_match / koala_seconds_per_run
-    ratio_lower_bound: float | None  # when not matched: all tuning compute / koala_seconds_per_run
-
-
-class Report(BaseModel):
-    job_id: str
-    metric: str
-    direction: Literal["maximize", "minimize"]
-    target: float | None
-    optimizers: list[OptimizerReport]
-    ranking: list[str]
-    hpo_cost: list[HpoCost]
+__all__ = ["Report", "build_report"]
 
 
 def build_report(storage: optuna.storages.BaseStorage, job_id: str) -> Report:

@@ -1,0 +1,457 @@
+"""The HTTP API (architecture.md section 5): `create_app()` builds it, `serve()` runs it with uvicorn.
+
+Jobs are validated, stored as `queued` and run by the scheduler (service/scheduler.py), one driver process per job.
+Trials and results are read from the job's Optuna studies; events come from our events table. Errors are
+`application/problem+json` with the offending field. Auth (architecture.md section 6): bearer tokens created with
+`koala token create`; without any token the API is open, which is only allowed on a loopback address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import optuna
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from optuna.trial import FrozenTrial
+from pydantic import TypeAdapter
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from koala import optimizers, workloads
+from service import schemas
+from service.jobspec import JobSpec, SpecError
+from service.recorder import job_study_names, storage_for
+from service.report import build_report
+from service.scheduler import Scheduler
+from service.settings import Settings
+from service.store import BadCursorError, IdempotencyConflictError, JobRow, Store, body_hash
+
+log = logging.getLogger("service")
+PROBLEM = "application/problem+json"
+EVENT_POLL_SECONDS = 0.5
+
+
+class ProblemError(Exception):
+    """An error answered as problem+json."""
+
+    def __init__(self, status: int, title: str, detail: str, field: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.field, self.extra = status, title, detail, field, extra
+
+
+def _problem_response(problem: schemas.Problem, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = problem.model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=problem.status, media_type=PROBLEM, headers=headers)
+
+
+def _not_found(job_id: str) -> ProblemError:
+    return ProblemError(404, "Not Found", f"no job {job_id}", type="https://koala.dev/problems/not-found")
+
+
+# ---- auth ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: `owner` is the token id (None in open mode); `restricted` when tokens are configured."""
+
+    owner: str | None
+    restricted: bool
+
+    def may_see(self, job: JobRow) -> bool:
+        # Jobs submitted while the server was open have no owner and stay visible to every token.
+        return not self.restricted or job.owner is None or job.owner == self.owner
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    """The bearer token's owner; every request is allowed in open mode (no token exists)."""
+    store: Store = request.app.state.store
+    if not store.has_tokens():
+        return Caller(None, restricted=False)
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ProblemError(401, "Unauthorized", "this server needs an API token: send `Authorization: Bearer TOKEN`")
+    owner = store.token_owner(token.strip())
+    if owner is None:
+        raise ProblemError(401, "Unauthorized", "unknown API token")
+    return Caller(owner, restricted=True)
+
+
+Auth = Annotated[Caller, Depends(caller)]
+
+
+class ExposureError(RuntimeError):
+    """The server would be reachable from other machines without authentication."""
+
+
+def check_exposure(settings: Settings, store: Store) -> bool:
+    """Whether the API runs open (no tokens). Raises ExposureError when open on a non-loopback address."""
+    if store.has_tokens(max_age=0):
+        return False
+    if not is_loopback(settings.host):
+        raise ExposureError(
+            f"refusing to serve on {settings.host} without API tokens: anyone who can reach it could run jobs. "
+            "Create a token with `koala token create` (then pass it as KOALA_TOKEN), or bind 127.0.0.1."
+        )
+    return True
+
+
+# ---- the app -------------------------------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None, *, scheduler: bool = True) -> FastAPI:
+    """The API. `scheduler=False` serves requests without starting jobs (e.g. a read-only replica)."""
+    settings = settings or Settings()
+    store = Store(settings.database_url)
+    store.migrate()
+    storage = storage_for(settings.database_url)  # creates Optuna's tables on a new database
+    runner = Scheduler(store, storage, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if check_exposure(settings, store):
+            log.warning(
+                "no API tokens configured: the API is open to anyone on this machine (create one with "
+                "`koala token create`)"
+            )
+        if scheduler:
+            runner.start()
+        yield
+        if scheduler:
+            runner.stop()
+        store.close()
+
+    app = FastAPI(
+        title="KOALA optimizer comparison service",
+        version="1.0",
+        summary="Compare the hyperparameter-free KOALA optimizer with fixed or Optuna-tuned baselines on Ray Tune.",
+        lifespan=lifespan,
+        responses={
+            401: {"model": schemas.Problem, "description": "Missing or unknown API token"},
+            422: {"model": schemas.Problem, "description": "Invalid request; `field` names the offending field"},
+        },
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.storage = storage
+    app.state.scheduler = runner
+    _install_error_handlers(app)
+
+    def visible_job(job_id: str, who: Caller) -> JobRow:
+        job = store.get_job(job_id)
+        if job is None or not who.may_see(job):
+            raise _not_found(job_id)  # another owner's job is indistinguishable from a missing one
+        return job
+
+    # ---- jobs ------------------------------------------------------------------------------------------------------
+
+    @app.post("/v1/jobs", status_code=202, response_model=schemas.Job, tags=["jobs"])
+    async def submit_job(
+        spec: JobSpec,
+        request: Request,
+        who: Auth,
+        idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    ) -> schemas.Job:
+        """Submit a JobSpec (architecture.md section 4). With `Idempotency-Key`, a repeat of the same request
+        returns the same job; the same key with another body is rejected."""
+        problems = spec.cross_check() + spec.check_limits(settings.limits)
+        if problems:
+            raise SpecError([{"field": field, "message": message} for field, message in problems])
+        body = await request.json()
+        progress = {e.name: {"done": 0, "total": (e.trials or 0) + len(spec.seed_list)} for e in spec.optimizers}
+        try:
+            job, created = await run_in_threadpool(
+                store.create_job,
+                spec.model_dump(mode="json", exclude_defaults=False),
+                name=spec.name,
+                workload=spec.workload,
+                progress=progress,
+                owner=who.owner,
+                idempotency_key=idempotency_key,
+                request_hash=body_hash(body),
+            )
+        except IdempotencyConflictError as error:
+            raise ProblemError(422, "Idempotency-Key reused", str(error), field="Idempotency-Key") from None
+        if created:
+            runner.wake()
+        return job.to_schema()
+
+    @app.get("/v1/jobs", response_model=schemas.JobPage, tags=["jobs"])
+    def list_jobs(
+        who: Auth,
+        state: Annotated[list[schemas.JobState] | None, Query(description="Only jobs in these states")] = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(max_length=200)] = None,
+    ) -> schemas.JobPage:
+        """Jobs, newest first, a page at a time: pass `next_cursor` back as `cursor`."""
+        try:
+            rows, next_cursor = store.list_jobs(
+                owner=who.owner, restrict_owner=who.restricted, states=state or (), limit=limit, cursor=cursor
+            )
+        except BadCursorError as error:
+            raise ProblemError(422, "Invalid cursor", str(error), field="cursor") from None
+        return schemas.JobPage(jobs=[r.to_schema() for r in rows], next_cursor=next_cursor)
+
+    @app.get("/v1/jobs/{job_id}", response_model=schemas.Job, tags=["jobs"])
+    def get_job(job_id: str, who: Auth) -> schemas.Job:
+        """Spec, state, progress (trials done/total per optimizer), timestamps and error of a job."""
+        return visible_job(job_id, who).to_schema()
+
+    @app.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=schemas.Job, tags=["jobs"])
+    def cancel_job(job_id: str, who: Auth) -> schemas.Job:
+        """Cancel a job (idempotent): a queued job ends at once; a running one moves to `cancelling`, its running
+        trials stop within seconds and are closed as PRUNED, then it ends `cancelled`."""
+        visible_job(job_id, who)
+        job = store.request_cancel(job_id)
+        assert job is not None
+        if job.state == "cancelling":
+            runner.signal_cancel(job_id)
+        return job.to_schema()
+
+    @app.get("/v1/jobs/{job_id}/trials", response_model=list[schemas.Trial], tags=["results"])
+    def list_trials(job_id: str, who: Auth) -> list[schemas.Trial]:
+        """Every trial of the job, from its Optuna studies, in start order per optimizer."""
+        visible_job(job_id, who)
+        return list(_trials(storage, job_id))
+
+    @app.get("/v1/jobs/{job_id}/results", response_model=schemas.Report, tags=["results"])
+    def job_results(job_id: str, who: Auth) -> schemas.Report:
+        """The comparison report, computed from the studies (so it reflects the job as it is now)."""
+        job = visible_job(job_id, who)
+        try:
+            return build_report(storage, job_id)
+        except LookupError:
+            detail = f"job {job_id} has no recorded trials yet (it is {job.state})"
+            raise ProblemError(409, "No results yet", detail) from None
+
+    @app.get("/v1/jobs/{job_id}/events", response_class=EventSourceResponse, tags=["jobs"])
+    async def job_events(
+        job_id: str,
+        who: Auth,
+        last_event_id: Annotated[str | None, Header()] = None,
+        after: Annotated[int | None, Query(ge=0, description="Resume after this event id")] = None,
+    ) -> AsyncIterator[ServerSentEvent]:
+        """Server-sent events: `state` changes, `trial` starts and ends, and `epoch` progress. The stream ends once
+        the job has ended and every event was sent; reconnect with `Last-Event-ID` to resume."""
+        await run_in_threadpool(visible_job, job_id, who)
+        cursor = after if after is not None else _event_id(last_event_id)
+        while True:
+            batch = await run_in_threadpool(store.events_after, job_id, cursor)
+            for event in batch:
+                cursor = event.id
+                yield ServerSentEvent(data=event.model_dump(mode="json"), event=event.kind, id=str(event.id))
+            if batch:
+                continue
+            job = await run_in_threadpool(store.get_job, job_id)
+            if job is None or job.state in schemas.TERMINAL_STATES:
+                if not await run_in_threadpool(store.events_after, job_id, cursor):
+                    return
+                continue
+            await asyncio.sleep(EVENT_POLL_SECONDS)
+
+    # ---- catalogue and health --------------------------------------------------------------------------------------
+
+    @app.get("/v1/workloads", response_model=list[schemas.WorkloadInfo], tags=["catalogue"])
+    def list_workloads() -> list[schemas.WorkloadInfo]:
+        """Workloads a JobSpec may name, with their metrics and configuration defaults."""
+        return [_workload_info(name) for name in workloads.names()]
+
+    @app.get("/v1/optimizers", response_model=list[schemas.OptimizerInfo], tags=["catalogue"])
+    def list_optimizers() -> list[schemas.OptimizerInfo]:
+        """Optimizers a JobSpec may name, with their hyperparameters and defaults."""
+        return [_optimizer_info(name) for name in optimizers.names()]
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"model": schemas.Problem}})
+    def readyz() -> dict[str, str]:
+        """Readiness: the database answers, and the Ray cluster in RAY_ADDRESS (if any) accepts connections."""
+        try:
+            store.ping()
+        except Exception as error:
+            raise ProblemError(503, "Not ready", f"database unavailable: {type(error).__name__}") from None
+        ray = _ray_status()
+        if ray.startswith("unreachable"):
+            raise ProblemError(503, "Not ready", f"Ray cluster {ray}")
+        return {"status": "ready", "database": "ok", "ray": ray}
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ProblemError)
+    async def on_problem(request: Request, error: ProblemError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return _problem_response(
+            schemas.Problem(
+                type=error.extra.get("type", "about:blank"),
+                title=error.title,
+                status=error.status,
+                detail=error.detail,
+                field=error.field,
+            ),
+            headers,
+        )
+
+    @app.exception_handler(SpecError)
+    async def on_spec_error(request: Request, error: SpecError) -> JSONResponse:
+        return _validation_problem(error.errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = []
+        for item in error.errors():
+            where, *rest = [str(p) for p in item["loc"]] or ["body"]
+            path = SpecError.from_loc(rest) if where == "body" else ".".join(rest) or where
+            message = str(item["msg"]).removeprefix("Value error, ")
+            errors.append({"field": path, "message": message, "in": where})
+        return _validation_problem(errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        title = {404: "Not Found", 405: "Method Not Allowed"}.get(error.status_code, "HTTP error")
+        return _problem_response(schemas.Problem(title=title, status=error.status_code, detail=str(error.detail)))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        detail = f"internal error ({type(error).__name__}); the server log has the details"
+        return _problem_response(schemas.Problem(title="Internal Server Error", status=500, detail=detail))
+
+
+def _validation_problem(errors: list[dict[str, str]]) -> JSONResponse:
+    first = errors[0] if errors else {"field": "", "message": "invalid request"}
+    detail = "; ".join(f"{e['field'] or '(body)'}: {e['message']}" for e in errors)
+    return _problem_response(
+        schemas.Problem(
+            type="https://koala.dev/problems/validation",
+            title="Invalid request",
+            status=422,
+            detail=detail,
+            field=first["field"],
+            errors=errors,
+        )
+    )
+
+
+def _event_id(header: str | None) -> int:
+    try:
+        return max(0, int(header)) if header else 0
+    except ValueError:
+        raise ProblemError(422, "Invalid Last-Event-ID", "Last-Event-ID must be an event id", "Last-Event-ID") from None
+
+
+# ---- readers -------------------------------------------------------------------------------------------------------
+
+
+def _trials(storage: optuna.storages.BaseStorage, job_id: str) -> Iterator[schemas.Trial]:
+    for name in job_study_names(storage, job_id):
+        study = optuna.load_study(study_name=name, storage=storage)
+        optimizer = str(study.user_attrs.get("optimizer", name.split("/", 1)[-1]))
+        for trial in study.get_trials(deepcopy=False):
+            yield _trial(optimizer, trial)
+
+
+def _trial(optimizer: str, trial: FrozenTrial) -> schemas.Trial:
+    attrs = trial.user_attrs
+    return schemas.Trial(
+        optimizer=optimizer,
+        number=trial.number,
+        phase=attrs.get("phase", "eval"),
+        seed=int(attrs.get("seed", 0)),
+        params=dict(attrs.get("hyperparams", trial.params)),
+        state=trial.state.name.lower(),  # type: ignore[arg-type]
+        value=trial.value,
+        metrics=dict(trial.intermediate_values),
+        epochs_done=int(attrs.get("epochs_done", 0)),
+        wall_seconds=float(attrs.get("wall_seconds", 0.0)),
+        epoch_seconds=list(attrs.get("epoch_seconds", [])),
+        device=attrs.get("device"),
+        reason=attrs.get("reason"),
+        # Optuna stores local wall-clock times without a zone.
+        started_at=trial.datetime_start.astimezone() if trial.datetime_start else None,
+        finished_at=trial.datetime_complete.astimezone() if trial.datetime_complete else None,
+    )
+
+
+def _workload_info(name: str) -> schemas.WorkloadInfo:
+    cls = workloads.workload_class(name)
+    config = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+    try:
+        schema = TypeAdapter(cls.Config).json_schema()
+    except Exception:  # a user workload's config type pydantic cannot describe: defaults still say enough
+        schema = {}
+    return schemas.WorkloadInfo(
+        name=name,
+        description=cls.description,
+        metric=cls.metric,
+        mode=cls.mode,
+        metrics=cls.metric_modes(),
+        config=config,
+        config_schema=schema,
+    )
+
+
+def _optimizer_info(name: str) -> schemas.OptimizerInfo:
+    spec = optimizers.get(name)
+    return schemas.OptimizerInfo(
+        name=name,
+        description=spec.description,
+        hyperparameters=[
+            schemas.HyperparameterInfo(name=key, default=value, type=type(value).__name__)
+            for key, value in spec.hyperparameters().items()
+        ],
+    )
+
+
+def _ray_status() -> str:
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        return "local (a Ray instance is started per job)"
+    if address == "auto":
+        return "auto"
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or address, int(port or 6379)), timeout=2):
+            return f"reachable at {address}"
+    except (OSError, ValueError) as error:
+        return f"unreachable at {address}: {error}"
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the API and the scheduler with uvicorn until interrupted (`koala serve`)."""
+    import uvicorn
+
+    settings = Settings(host=host, port=port)
+    try:
+        app = create_app(settings)
+        check_exposure(settings, app.state.store)
+    except ExposureError as error:
+        raise SystemExit(f"koala serve: {error}") from None
+    shown = f"[{host}]" if ":" in host else host
+    print(f"KOALA service on http://{shown}:{port}  (API docs: /docs, dashboard: /ui)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,168 @@
+"""Request and response models of the HTTP API (architecture.md section 5), shared by the service and the SDK.
+
+Only pydantic here: the SDK imports this module without pulling in torch, Ray or Optuna.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+JobState = Literal["queued", "running", "cancelling", "cancelled", "succeeded", "failed"]
+TERMINAL_STATES: frozenset[str] = frozenset({"cancelled", "succeeded", "failed"})
+JOB_STATES: tuple[str, ...] = ("queued", "running", "cancelling", "cancelled", "succeeded", "failed")
+
+
+class OptimizerProgress(BaseModel):
+    done: int  # trials finished (any final state)
+    total: int  # trials planned
+
+
+class Job(BaseModel):
+    """A submitted comparison job."""
+
+    id: str
+    name: str
+    workload: str
+    optimizers: list[str]
+    state: JobState
+    spec: dict[str, Any]
+    progress: dict[str, OptimizerProgress]
+    trials_done: int
+    trials_total: int
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0  # driver starts (more than one after a resume)
+
+
+class JobPage(BaseModel):
+    """One page of GET /v1/jobs, newest first; pass `next_cursor` as `cursor` for the next page."""
+
+    jobs: list[Job]
+    next_cursor: str | None = None
+
+
+class Trial(BaseModel):
+    """One Optuna trial of a job, as GET /v1/jobs/{id}/trials returns it."""
+
+    optimizer: str
+    number: int
+    phase: Literal["tune", "eval"]
+    seed: int
+    params: dict[str, Any]  # the hyperparameters the trial trained with
+    state: Literal["running", "complete", "pruned", "fail", "waiting"]
+    value: float | None = None
+    metrics: dict[int, float] = Field(default_factory=dict)  # epoch -> the job's metric
+    epochs_done: int = 0
+    wall_seconds: float = 0.0
+    epoch_seconds: list[float] = Field(default_factory=list)
+    device: str | None = None
+    reason: str | None = None  # why a trial was pruned or failed
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Event(BaseModel):
+    """An entry of a job's event stream. kind: state (data: state, error), trial (optimizer, phase, seed, state) or
+    epoch (optimizer, phase, seed, epoch, value)."""
+
+    id: int
+    job_id: str
+    kind: Literal["state", "trial", "epoch"]
+    at: datetime
+    data: dict[str, Any]
+
+
+class HyperparameterInfo(BaseModel):
+    name: str
+    default: Any = None
+    type: str
+
+
+class OptimizerInfo(BaseModel):
+    name: str
+    description: str
+    hyperparameters: list[HyperparameterInfo]
+
+
+class WorkloadInfo(BaseModel):
+    name: str
+    description: str
+    metric: str
+    mode: Literal["max", "min"]
+    metrics: dict[str, Literal["max", "min"]]  # every metric it reports, with its direction
+    config: dict[str, Any]  # configuration fields with their defaults
+    config_schema: dict[str, Any]  # JSON schema of workload_config
+
+
+class TokenCreated(BaseModel):
+    id: str
+    name: str
+    token: str  # shown once; only its hash is stored
+
+
+class Problem(BaseModel):
+    """application/problem+json (RFC 9457). `errors` lists every offending field of a validation error."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    field: str | None = None
+    errors: list[dict[str, str]] | None = None
+
+
+class CurvePoint(BaseModel):
+    epoch: int
+    mean: float
+    std: float
+    n: int  # seeds that reported this epoch
+
+
+class TargetReach(BaseModel):
+    reached: int  # evaluation trials that reached the target
+    of: int
+    epochs_mean: float | None = None
+    seconds_mean: float | None = None
+
+
+class OptimizerReport(BaseModel):
+    optimizer: str
+    mode: Literal["fixed", "tuned"]
+    hyperparams: dict[str, Any]
+    trials: dict[str, int]  # state name -> count
+    final_mean: float | None
+    final_std: float | None
+    final_min: float | None
+    final_max: float | None
+    seeds: int  # evaluation trials with a final value
+    curve: list[CurvePoint]
+    target: TargetReach | None
+    compute_seconds: float
+    tuning_seconds: float
+
+
+class HpoCost(BaseModel):
+    optimizer: str
+    koala_optimizer: str
+    koala_result: float
+    matched: bool
+    tuning_seconds_to_match: float | None  # None when no tuning trial matched
+    tuning_trials_to_match: int | None
+    koala_seconds_per_run: float
+    ratio: float | None  # tuning_seconds_to_match / koala_seconds_per_run
+    ratio_lower_bound: float | None  # when not matched: all tuning compute / koala_seconds_per_run
+
+
+class Report(BaseModel):
+    job_id: str
+    metric: str
+    direction: Literal["maximize", "minimize"]
+    target: float | None
+    optimizers: list[OptimizerReport]
+    ranking: list[str]
+    hpo_cost: list[HpoCost]

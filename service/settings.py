@@ -1,0 +1,49 @@
+"""Service settings, read from the environment (`KOALA_*`), e.g. KOALA_DATABASE_URL, KOALA_MAX_CONCURRENT_JOBS.
+
+Nested limits use a double underscore: KOALA_LIMITS__MAX_EPOCHS=50.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.jobspec import Limits
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KOALA_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Field(default=Path("~/.koala"), description="SQLite database, driver logs and run outputs")
+    database_url: str = Field(
+        default="", description="SQLAlchemy URL (default: SQLite under data_dir); postgresql+psycopg://... for clusters"
+    )
+    host: str = Field(default="127.0.0.1", description="Address `koala serve` binds")
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_concurrent_jobs: int = Field(default=1, ge=1, description="Jobs whose drivers run at once")
+    heartbeat_seconds: float = Field(default=2.0, gt=0, description="How often a driver proves it is alive")
+    stale_seconds: float = Field(default=30.0, gt=0, description="A driver silent this long is taken for dead")
+    scheduler_seconds: float = Field(default=1.0, gt=0, description="Scheduler and reconciler period")
+    max_driver_starts: int = Field(default=3, ge=1, description="Driver starts per job before it is failed")
+    limits: Limits = Field(default_factory=Limits)
+    optuna_dashboard_url: str | None = Field(default=None, description="Where optuna-dashboard serves this database")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'koala.db'}"
+        return self
+
+    def environment(self) -> dict[str, str]:
+        """These settings as KOALA_* variables, for a process this one starts (a job driver)."""
+        env = {
+            "KOALA_DATA_DIR": str(self.data_dir),
+            "KOALA_DATABASE_URL": self.database_url,
+            "KOALA_HEARTBEAT_SECONDS": str(self.heartbeat_seconds),
+        }
+        for key, value in self.limits.model_dump().items():
+            env[f"KOALA_LIMITS__{key.upper()}"] = str(value)
+        return env

@@ -1,0 +1,450 @@
+"""Our tables (jobs, job events, idempotency keys, API tokens), beside Optuna's in the same database.
+
+The schema is versioned with Alembic (`service/migrations`) in its own version table, `koala_schema_version`, so it
+never touches the `alembic_version` table Optuna keeps for its own schema. The database is the source of truth:
+the API process, the scheduler and every job driver coordinate only through these rows (state changes are
+conditional UPDATEs, so two processes never both claim a job).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from service import schemas
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "koala_jobs",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("owner", sa.String(32), nullable=True, index=True),  # the API token that created it; NULL: open mode
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("workload", sa.String(200), nullable=False),
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("progress", sa.JSON, nullable=False),  # optimizer -> {done, total}
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("driver_pid", sa.Integer, nullable=True),
+    sa.Column("driver_host", sa.String(255), nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Index("ix_koala_jobs_created", "created_at", "id"),
+)
+
+events = sa.Table(
+    "koala_job_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(32), nullable=False, index=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("data", sa.JSON, nullable=False),
+)
+
+idempotency_keys = sa.Table(
+    "koala_idempotency_keys",
+    metadata,
+    sa.Column("owner", sa.String(32), primary_key=True),  # "" in open mode: keys are scoped per token
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("body_hash", sa.String(64), nullable=False),
+    sa.Column("job_id", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+api_tokens = sa.Table(
+    "koala_api_tokens",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+ACTIVE_STATES = ("running", "cancelling")
+VERSION_TABLE = "koala_schema_version"
+
+
+class IdempotencyConflictError(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was already used for job {job_id} with a different request body")
+        self.job_id = job_id
+
+
+class BadCursorError(ValueError):
+    pass
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite returns naive datetimes; everything is stored in UTC.
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def body_hash(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def token_hash(token: str) -> str:
+    # Tokens are 256-bit random strings, so a plain SHA-256 is a safe one-way storage form (no password stretching).
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL (readers never block the writer) and a busy timeout."""
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    owner: str | None
+    name: str
+    workload: str
+    spec: dict[str, Any]
+    state: str
+    error: str | None
+    progress: dict[str, dict[str, int]]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    driver_pid: int | None
+    driver_host: str | None
+    attempts: int
+
+    @classmethod
+    def from_row(cls, row: sa.Row[Any]) -> JobRow:
+        values = dict(row._mapping)
+        for key in ("created_at", "started_at", "finished_at", "heartbeat_at"):
+            values[key] = _aware(values[key])
+        return cls(**values)
+
+    def to_schema(self) -> schemas.Job:
+        progress = {name: schemas.OptimizerProgress(**p) for name, p in self.progress.items()}
+        return schemas.Job(
+            id=self.id,
+            name=self.name,
+            workload=self.workload,
+            optimizers=list(self.progress),
+            state=self.state,  # type: ignore[arg-type]
+            spec=self.spec,
+            progress=progress,
+            trials_done=sum(p.done for p in progress.values()),
+            trials_total=sum(p.total for p in progress.values()),
+            error=self.error,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            attempts=self.attempts,
+        )
+
+
+class Store:
+    """Access to our tables. Thread-safe; one per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url)
+        self._tokens_cache: tuple[float, bool] | None = None
+        self._lock = threading.Lock()
+
+    # ---- schema ----------------------------------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring our tables to the newest schema version (idempotent)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- jobs ------------------------------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        spec: Mapping[str, Any],
+        *,
+        name: str,
+        workload: str,
+        progress: Mapping[str, Mapping[str, int]],
+        owner: str | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> tuple[JobRow, bool]:
+        """Insert a queued job; returns (job, created). With an idempotency key already used for the same request
+        body, returns the earlier job and False; for another body, raises IdempotencyConflictError."""
+        job_id = uuid.uuid4().hex[:12]
+        created = now()
+        try:
+            with self.engine.begin() as db:
+                if idempotency_key is not None:
+                    earlier = self._idempotent_job(db, owner, idempotency_key, request_hash)
+                    if earlier is not None:
+                        return earlier, False
+                    db.execute(
+                        idempotency_keys.insert().values(
+                            owner=owner or "",
+                            key=idempotency_key,
+                            body_hash=request_hash or "",
+                            job_id=job_id,
+                            created_at=created,
+                        )
+                    )
+                db.execute(
+                    jobs.insert().values(
+                        id=job_id,
+                        owner=owner,
+                        name=name,
+                        workload=workload,
+                        spec=dict(spec),
+                        state="queued",
+                        progress={k: dict(v) for k, v in progress.items()},
+                        created_at=created,
+                        attempts=0,
+                    )
+                )
+                self._event(db, job_id, "state", {"state": "queued"})
+        except sa.exc.IntegrityError:
+            # A concurrent request with the same key won the insert: answer like a repeat of it.
+            assert idempotency_key is not None
+            with self.engine.connect() as db:
+                earlier = self._idempotent_job(db, owner, idempotency_key, request_hash)
+            if earlier is None:
+                raise
+            return earlier, False
+        job = self.get_job(job_id)
+        assert job is not None
+        return job, True
+
+    def _idempotent_job(self, db: Connection, owner: str | None, key: str, request_hash: str | None) -> JobRow | None:
+        row = db.execute(
+            sa.select(idempotency_keys).where(idempotency_keys.c.owner == (owner or ""), idempotency_keys.c.key == key)
+        ).first()
+        if row is None:
+            return None
+        if row.body_hash != (request_hash or ""):
+            raise IdempotencyConflictError(key, row.job_id)
+        job = db.execute(sa.select(jobs).where(jobs.c.id == row.job_id)).first()
+        return JobRow.from_row(job) if job is not None else None
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        with self.engine.connect() as db:
+            row = db.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return JobRow.from_row(row) if row is not None else None
+
+    def list_jobs(
+        self,
+        *,
+        owner: str | None = None,
+        restrict_owner: bool = False,
+        states: Sequence[str] = (),
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[JobRow], str | None]:
+        """Jobs newest first. `restrict_owner`: only `owner`'s jobs and ownerless ones. Returns (page, next cursor)."""
+        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
+        if restrict_owner:
+            query = query.where(sa.or_(jobs.c.owner == owner, jobs.c.owner.is_(None)))
+        if states:
+            query = query.where(jobs.c.state.in_(list(states)))
+        if cursor:
+            created, job_id = decode_cursor(cursor)
+            query = query.where(
+                sa.or_(jobs.c.created_at < created, sa.and_(jobs.c.created_at == created, jobs.c.id < job_id))
+            )
+        with self.engine.connect() as db:
+            rows = [JobRow.from_row(r) for r in db.execute(query)]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, encode_cursor(rows[-1]) if more else None
+
+    def jobs_in(self, states: Sequence[str]) -> list[JobRow]:
+        with self.engine.connect() as db:
+            query = sa.select(jobs).where(jobs.c.state.in_(list(states))).order_by(jobs.c.created_at, jobs.c.id)
+            return [JobRow.from_row(r) for r in db.execute(query)]
+
+    def _transition(
+        self, db: Connection, job_id: str, from_states: Sequence[str], to_state: str, **values: Any
+    ) -> bool:
+        result = db.execute(
+            jobs.update()
+            .where(jobs.c.id == job_id, jobs.c.state.in_(list(from_states)))
+            .values(state=to_state, **values)
+        )
+        changed = result.rowcount == 1
+        if changed:
+            data = {"state": to_state}
+            if values.get("error"):
+                data["error"] = values["error"]
+            self._event(db, job_id, "state", data)
+        return changed
+
+    def claim(self, job_id: str, host: str) -> bool:
+        """queued -> running for the scheduler that wins the race; counts a driver start."""
+        with self.engine.begin() as db:
+            claimed = self._transition(
+                db,
+                job_id,
+                ["queued"],
+                "running",
+                attempts=jobs.c.attempts + 1,
+                heartbeat_at=now(),
+                driver_pid=None,
+                driver_host=host,
+                started_at=sa.func.coalesce(jobs.c.started_at, now()),
+            )
+        return claimed
+
+    def set_driver(self, job_id: str, pid: int, host: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(
+                jobs.update().where(jobs.c.id == job_id).values(driver_pid=pid, driver_host=host, heartbeat_at=now())
+            )
+
+    def heartbeat(self, job_id: str) -> str | None:
+        """Record that the driver is alive; returns the job's state (a driver stops when it reads `cancelling`)."""
+        with self.engine.begin() as db:
+            db.execute(jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=now()))
+            return db.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+
+    def request_cancel(self, job_id: str) -> JobRow | None:
+        """Idempotent: queued -> cancelled at once, running -> cancelling (the driver stops and ends it)."""
+        with self.engine.begin() as db:
+            if not self._transition(db, job_id, ["queued"], "cancelled", finished_at=now()):
+                self._transition(db, job_id, ["running"], "cancelling")
+        return self.get_job(job_id)
+
+    def finish(self, job_id: str, state: str, error: str | None = None) -> bool:
+        """running/cancelling -> succeeded, failed or cancelled (a cancel request wins over success)."""
+        with self.engine.begin() as db:
+            current = db.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+            if current == "cancelling" and state == "succeeded":
+                state = "cancelled"
+            return self._transition(db, job_id, ACTIVE_STATES, state, error=error, finished_at=now())
+
+    def requeue(self, job_id: str, reason: str) -> bool:
+        """running -> queued, to resume a job whose driver died."""
+        with self.engine.begin() as db:
+            changed = self._transition(db, job_id, ["running"], "queued", driver_pid=None, heartbeat_at=None)
+            if changed:
+                self._event(db, job_id, "state", {"state": "queued", "reason": reason})
+        return changed
+
+    def set_progress(self, job_id: str, progress: Mapping[str, Mapping[str, int]]) -> None:
+        with self.engine.begin() as db:
+            db.execute(
+                jobs.update().where(jobs.c.id == job_id).values(progress={k: dict(v) for k, v in progress.items()})
+            )
+
+    # ---- events ----------------------------------------------------------------------------------------------------
+
+    def _event(self, db: Connection, job_id: str, kind: str, data: Mapping[str, Any]) -> None:
+        db.execute(events.insert().values(job_id=job_id, at=now(), kind=kind, data=dict(data)))
+
+    def add_event(self, job_id: str, kind: str, data: Mapping[str, Any]) -> None:
+        with self.engine.begin() as db:
+            self._event(db, job_id, kind, data)
+
+    def events_after(self, job_id: str, after: int = 0, limit: int = 500) -> list[schemas.Event]:
+        query = (
+            sa.select(events).where(events.c.job_id == job_id, events.c.id > after).order_by(events.c.id).limit(limit)
+        )
+        with self.engine.connect() as db:
+            rows = db.execute(query).all()
+        return [
+            schemas.Event(id=r.id, job_id=r.job_id, kind=r.kind, at=_aware(r.at), data=r.data)  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    # ---- API tokens ------------------------------------------------------------------------------------------------
+
+    def create_token(self, name: str = "") -> schemas.TokenCreated:
+        token = "koala_" + secrets.token_urlsafe(32)
+        token_id = uuid.uuid4().hex[:12]
+        name = name or f"token-{token_id}"
+        with self.engine.begin() as db:
+            db.execute(
+                api_tokens.insert().values(id=token_id, name=name, token_hash=token_hash(token), created_at=now())
+            )
+        self._tokens_cache = None
+        return schemas.TokenCreated(id=token_id, name=name, token=token)
+
+    def token_owner(self, token: str) -> str | None:
+        """The id of the token, or None when it is unknown."""
+        with self.engine.connect() as db:
+            return db.execute(sa.select(api_tokens.c.id).where(api_tokens.c.token_hash == token_hash(token))).scalar()
+
+    def has_tokens(self, max_age: float = 2.0) -> bool:
+        """Whether any API token exists (auth is on), cached briefly: tokens are created by another process."""
+        with self._lock:
+            cached = self._tokens_cache
+            if cached is not None and time.monotonic() - cached[0] < max_age:
+                return cached[1]
+        with self.engine.connect() as db:
+            exists = db.execute(sa.select(sa.func.count()).select_from(api_tokens)).scalar_one() > 0
+        with self._lock:
+            self._tokens_cache = (time.monotonic(), exists)
+        return exists
+
+    def ping(self) -> None:
+        with self.engine.connect() as db:
+            db.execute(sa.select(1))
+
+
+def encode_cursor(job: JobRow) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, job_id = raw.split("|", 1)
+        parsed = datetime.fromisoformat(created)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise BadCursorError("cursor is not one this server issued; pass next_cursor from a previous page") from None
+    return parsed, job_id
