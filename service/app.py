@@ -101,6 +101,17 @@ def caller(request: Request, authorization: Annotated[str | None, Header()] = No
 Auth = Annotated[Caller, Depends(caller)]
 
 
+def visible_job(request: Request, job_id: str, who: Auth) -> JobRow:
+    """The job, if it exists and the caller may see it; another owner's job is indistinguishable from a missing one."""
+    job = request.app.state.store.get_job(job_id)
+    if job is None or not who.may_see(job):
+        raise _not_found(job_id)
+    return job  # type: ignore[no-any-return]
+
+
+VisibleJob = Annotated[JobRow, Depends(visible_job)]
+
+
 class ExposureError(RuntimeError):
     """The server would be reachable from other machines without authentication."""
 
@@ -120,9 +131,10 @@ def check_exposure(settings: Settings, store: Store) -> bool:
 # ---- the app -------------------------------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings | None = None, *, scheduler: bool = True) -> FastAPI:
-    """The API. `scheduler=False` serves requests without starting jobs (e.g. a read-only replica)."""
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API, with the scheduler unless `settings.run_scheduler` is off (extra API replicas)."""
     settings = settings or Settings()
+    scheduler = settings.run_scheduler
     store = Store(settings.database_url)
     store.migrate()
     storage = storage_for(settings.database_url)  # creates Optuna's tables on a new database
@@ -157,12 +169,6 @@ def create_app(settings: Settings | None = None, *, scheduler: bool = True) -> F
     app.state.storage = storage
     app.state.scheduler = runner
     _install_error_handlers(app)
-
-    def visible_job(job_id: str, who: Caller) -> JobRow:
-        job = store.get_job(job_id)
-        if job is None or not who.may_see(job):
-            raise _not_found(job_id)  # another owner's job is indistinguishable from a missing one
-        return job
 
     # ---- jobs ------------------------------------------------------------------------------------------------------
 
@@ -214,15 +220,14 @@ def create_app(settings: Settings | None = None, *, scheduler: bool = True) -> F
         return schemas.JobPage(jobs=[r.to_schema() for r in rows], next_cursor=next_cursor)
 
     @app.get("/v1/jobs/{job_id}", response_model=schemas.Job, tags=["jobs"])
-    def get_job(job_id: str, who: Auth) -> schemas.Job:
+    def get_job(job: VisibleJob) -> schemas.Job:
         """Spec, state, progress (trials done/total per optimizer), timestamps and error of a job."""
-        return visible_job(job_id, who).to_schema()
+        return job.to_schema()
 
     @app.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=schemas.Job, tags=["jobs"])
-    def cancel_job(job_id: str, who: Auth) -> schemas.Job:
+    def cancel_job(job_id: str, visible: VisibleJob) -> schemas.Job:
         """Cancel a job (idempotent): a queued job ends at once; a running one moves to `cancelling`, its running
         trials stop within seconds and are closed as PRUNED, then it ends `cancelled`."""
-        visible_job(job_id, who)
         job = store.request_cancel(job_id)
         assert job is not None
         if job.state == "cancelling":
@@ -230,15 +235,13 @@ def create_app(settings: Settings | None = None, *, scheduler: bool = True) -> F
         return job.to_schema()
 
     @app.get("/v1/jobs/{job_id}/trials", response_model=list[schemas.Trial], tags=["results"])
-    def list_trials(job_id: str, who: Auth) -> list[schemas.Trial]:
+    def list_trials(job_id: str, visible: VisibleJob) -> list[schemas.Trial]:
         """Every trial of the job, from its Optuna studies, in start order per optimizer."""
-        visible_job(job_id, who)
         return list(_trials(storage, job_id))
 
     @app.get("/v1/jobs/{job_id}/results", response_model=schemas.Report, tags=["results"])
-    def job_results(job_id: str, who: Auth) -> schemas.Report:
+    def job_results(job_id: str, job: VisibleJob) -> schemas.Report:
         """The comparison report, computed from the studies (so it reflects the job as it is now)."""
-        job = visible_job(job_id, who)
         try:
             return build_report(storage, job_id)
         except LookupError:
@@ -248,13 +251,12 @@ def create_app(settings: Settings | None = None, *, scheduler: bool = True) -> F
     @app.get("/v1/jobs/{job_id}/events", response_class=EventSourceResponse, tags=["jobs"])
     async def job_events(
         job_id: str,
-        who: Auth,
+        visible: VisibleJob,  # checked before the stream starts
         last_event_id: Annotated[str | None, Header()] = None,
         after: Annotated[int | None, Query(ge=0, description="Resume after this event id")] = None,
     ) -> AsyncIterator[ServerSentEvent]:
         """Server-sent events: `state` changes, `trial` starts and ends, and `epoch` progress. The stream ends once
         the job has ended and every event was sent; reconnect with `Last-Event-ID` to resume."""
-        await run_in_threadpool(visible_job, job_id, who)
         cursor = after if after is not None else _event_id(last_event_id)
         while True:
             batch = await run_in_threadpool(store.events_after, job_id, cursor)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from koala import optimizers, workloads
 
@@ -67,7 +67,16 @@ class Choice(BaseModel):
     choices: list[float | int | str | bool] = Field(min_length=1)
 
 
-SearchDimension = FloatRange | Choice
+def _dimension_kind(value: Any) -> str:
+    if isinstance(value, Choice) or (isinstance(value, Mapping) and "choices" in value):
+        return "Choice"
+    return "FloatRange"
+
+
+# Discriminated by the presence of `choices`, so a bad range gets the range's errors, not both members'.
+SearchDimension = Annotated[
+    Annotated[FloatRange, Tag("FloatRange")] | Annotated[Choice, Tag("Choice")], Discriminator(_dimension_kind)
+]
 
 
 class OptimizerEntry(BaseModel):

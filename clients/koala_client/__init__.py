@@ -1,1 +1,45 @@
-"""The KOALA client: the `koala` command line (and, with the service, the Python SDK)."""
+"""The KOALA client: the Python SDK (`KoalaClient`) and the `koala` command line.
+
+Importing the package loads only httpx, pydantic and PyYAML (no torch, Ray or Optuna), so the SDK suits any process
+that talks to a KOALA server.
+"""
+
+from koala_client.sdk import (
+    KoalaAPIError,
+    KoalaAuthError,
+    KoalaClient,
+    KoalaConnectionError,
+    KoalaError,
+    KoalaNotFound,
+)
+from service.schemas import (
+    JOB_STATES,
+    TERMINAL_STATES,
+    Event,
+    Job,
+    JobPage,
+    OptimizerInfo,
+    OptimizerProgress,
+    Report,
+    Trial,
+    WorkloadInfo,
+)
+
+__all__ = [
+    "JOB_STATES",
+    "TERMINAL_STATES",
+    "Event",
+    "Job",
+    "JobPage",
+    "KoalaAPIError",
+    "KoalaAuthError",
+    "KoalaClient",
+    "KoalaConnectionError",
+    "KoalaError",
+    "KoalaNotFound",
+    "OptimizerInfo",
+    "OptimizerProgress",
+    "Report",
+    "Trial",
+    "WorkloadInfo",
+]

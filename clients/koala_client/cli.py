@@ -1,27 +1,42 @@
 """The `koala` command line.
 
 `koala run job.yaml` executes a JobSpec in this process (no server) through the engine the service uses, with live
-progress, then prints the report and writes it as JSON plus a PNG of the learning curves.
+progress, then prints the report and writes it as JSON plus a PNG of the learning curves. `koala serve` runs the
+service; the other commands talk to it through the SDK (`KoalaClient`), reading KOALA_URL and KOALA_TOKEN.
+
+Machine-readable output (job ids, states, tokens, tables, JSON) goes to stdout, messages and progress to stderr, so
+`JOB=$(koala submit job.yaml)` works. Exit codes: 0 success, 1 an error from the server (or a failed job), 2 the
+server cannot be reached, 3 the watched job was cancelled, 130 interrupted.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+import math
 import os
 import signal
 import sys
 import threading
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+from koala_client.sdk import KoalaClient, KoalaConnectionError, KoalaError
+from service.schemas import JOB_STATES, Job
+
+console = Console(stderr=True, highlight=False)
 
 
 def default_data_dir() -> Path:
@@ -91,6 +106,284 @@ def run(spec_file: Path, database_url: str | None, out_dir: Path | None, job_id:
     if outcome.state != "succeeded":
         console.print(f"[red]job {outcome.state}[/red]" + (f": {outcome.error}" if outcome.error else ""))
         sys.exit(1 if outcome.state == "failed" else 130)
+
+
+# ---- commands that talk to a server -------------------------------------------------------------------------------
+
+
+def make_client(url: str | None, token: str | None) -> KoalaClient:
+    """The SDK client of every server command; the one seam tests replace to point the CLI at a fake server."""
+    return KoalaClient(base_url=url, token=token)
+
+
+def _error(message: str) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}")
+
+
+@contextmanager
+def exit_on_error() -> Iterator[None]:
+    """SDK errors as one line on stderr and an exit code (1: the server said no, 2: no server), no traceback."""
+    try:
+        yield
+    except KoalaConnectionError as error:
+        _error(str(error))
+        sys.exit(2)
+    except KoalaError as error:  # KoalaAPIError: its detail names every offending field
+        _error(str(error))
+        sys.exit(1)
+
+
+def server_command(func: Callable[..., None]) -> Callable[..., None]:
+    """Give a command `--url` and `--token`, call it with a `KoalaClient` first, and exit cleanly on SDK errors."""
+
+    @click.option(
+        "--url",
+        envvar="KOALA_URL",
+        metavar="URL",
+        help="The server  [env var: KOALA_URL; default: http://127.0.0.1:8000]",
+    )
+    @click.option("--token", envvar="KOALA_TOKEN", metavar="TOKEN", help="API token  [env var: KOALA_TOKEN]")
+    @functools.wraps(func)
+    def command(url: str | None, token: str | None, **kwargs: Any) -> None:
+        with exit_on_error(), make_client(url, token) as client:
+            func(client, **kwargs)
+
+    return command
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="KOALA_HOST", help="Address to bind")
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    envvar="KOALA_PORT",
+    type=click.IntRange(0, 65535),
+    help="0: any free port",
+)
+def serve(host: str, port: int) -> None:
+    """Run the API server and the job scheduler until interrupted.
+
+    Bound to anything but loopback it needs API tokens (`koala token create`), and refuses to start without.
+    """
+    from service.app import serve as serve_app
+
+    serve_app(host=host, port=port)
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--idempotency-key", metavar="KEY", help="Retrying with the same key returns the first job, not a new one"
+)
+@click.option("--watch", is_flag=True, help="Then follow the job like `koala watch`")
+@server_command
+def submit(client: KoalaClient, spec_file: Path, idempotency_key: str | None, watch: bool) -> None:
+    """Submit the comparison in SPEC_FILE (YAML or JSON) to the server; prints the job id."""
+    job = client.submit(spec_file, idempotency_key=idempotency_key)
+    click.echo(job.id)
+    console.print(f"submitted job {job.id} ({escape(job.name)}): {job.trials_total} trials of {job.workload}")
+    if watch:
+        sys.exit(_watch(client, job.id))
+    console.print(f"follow it with `koala watch {job.id}`")
+
+
+@main.command()
+@click.option("--state", type=click.Choice(JOB_STATES), help="Only jobs in this state")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Show at most this many")
+@server_command
+def jobs(client: KoalaClient, state: str | None, limit: int) -> None:
+    """List jobs, newest first."""
+    table = Table("id", "name", "workload", "state", "trials", "created")
+    for job in itertools.islice(client.list(state=state, limit=min(limit, 200)), limit):
+        table.add_row(
+            job.id,
+            escape(job.name),
+            job.workload,
+            _state(job.state),
+            f"{job.trials_done}/{job.trials_total}",
+            _when(job.created_at),
+        )
+    if table.row_count:
+        Console().print(table)
+    else:
+        console.print("no jobs" + (f" in state {state}" if state else ""))
+
+
+@main.command()
+@click.argument("job_id")
+@server_command
+def watch(client: KoalaClient, job_id: str) -> None:
+    """Follow a job with a progress bar per optimizer until it ends; then print its report.
+
+    Exits 0 when the job succeeded, 1 when it failed, 3 when it was cancelled.
+    """
+    sys.exit(_watch(client, job_id))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Also write the curves as this PNG")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table")
+@server_command
+def results(client: KoalaClient, job_id: str, plot: Path | None, as_json: bool) -> None:
+    """Print the comparison report of a job (from the trials recorded so far while it runs)."""
+    report = client.results(job_id)
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        print_report(report.model_dump())
+    if plot is not None:
+        plot_curves(report.model_dump(), plot)
+        console.print(f"curves: {plot}")
+
+
+@main.command()
+@click.argument("job_id")
+@server_command
+def cancel(client: KoalaClient, job_id: str) -> None:
+    """Cancel a job (idempotent); prints its new state. Running trials are stopped and recorded as pruned."""
+    click.echo(client.cancel(job_id).state)
+
+
+@main.command()
+@server_command
+def workloads(client: KoalaClient) -> None:
+    """List the workloads a job can name, with their metric and configuration defaults."""
+    table = Table("name", "metric", "config defaults", "description")
+    for info in client.workloads():
+        config = ", ".join(f"{key}={value}" for key, value in info.config.items())
+        table.add_row(info.name, f"{info.metric} ({info.mode})", escape(config), escape(info.description))
+    Console().print(table)
+
+
+@main.command()
+@server_command
+def optimizers(client: KoalaClient) -> None:
+    """List the optimizers a job can name, with their hyperparameters and defaults."""
+    table = Table("name", "hyperparameters (defaults)", "description")
+    for info in client.optimizers():
+        params = ", ".join(f"{p.name}={p.default}" for p in info.hyperparameters)
+        table.add_row(info.name, escape(params), escape(info.description))
+    Console().print(table)
+
+
+@main.group()
+def token() -> None:
+    """API tokens. They are written to the server's database directly, so run this where `koala serve` runs."""
+
+
+@token.command("create")
+@click.option("--name", default="", help="A label to recognise the token by  [default: token-<id>]")
+def token_create(name: str) -> None:
+    """Create an API token and print it (once: only its hash is stored)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.settings import Settings
+    from service.store import Store
+
+    url = Settings().database_url
+    try:
+        store = Store(url)
+        try:
+            store.migrate()  # the first token may come before the first `koala serve`
+            created = store.create_token(name)
+        finally:
+            store.close()
+    except SQLAlchemyError as error:
+        _error(f"cannot create a token in {make_url(url).render_as_string(hide_password=True)}: {error}")
+        sys.exit(1)
+    click.echo(created.token)
+    console.print(
+        f"token {created.id} ({escape(created.name)}) created; it is shown only this once. "
+        "Clients use it with: export KOALA_TOKEN=<the token>"
+    )
+
+
+def _watch(client: KoalaClient, job_id: str) -> int:
+    """Live progress of a job until it is terminal, then its report or error; returns the exit code."""
+    metric, mode = "", None
+    best: dict[str, float] = {}
+    state = ""
+    try:
+        with _progress() as progress:
+            tasks: dict[str, TaskID] = {}
+            for job, event in client.follow(job_id):
+                if not tasks:
+                    metric, mode = _metric_of(client, job)
+                for name in job.optimizers:
+                    done = job.progress.get(name)
+                    if name not in tasks:
+                        tasks[name] = progress.add_task(name, total=done.total if done else None, best="")
+                    if done is not None:
+                        progress.update(tasks[name], completed=done.done, total=done.total)
+                if event is not None and event.kind == "epoch":
+                    updated = _update_best(best, event.data, mode)
+                    if updated in tasks:
+                        label = "best" if mode else "last"
+                        progress.update(tasks[updated], best=f"{label} {metric} {best[updated]:.4g}")
+                if job.state != state:
+                    state = job.state
+                    console.print(f"job {job.id} ({escape(job.name)}): {_state(state)}")
+    except KeyboardInterrupt:
+        console.print(f"stopped watching; job {job_id} goes on (`koala cancel {job_id}` stops it)")
+        return 130
+    return _outcome(client, job)
+
+
+def _outcome(client: KoalaClient, job: Job) -> int:
+    if job.state == "succeeded":
+        print_report(client.results(job.id).model_dump())
+        return 0
+    reason = f": {job.error}" if job.error else ""
+    if job.state == "cancelled":
+        console.print(f"[yellow]job {job.id} cancelled[/yellow]{escape(reason)}")
+        return 3
+    _error(f"job {job.id} {job.state}{reason}")
+    return 1
+
+
+def _metric_of(client: KoalaClient, job: Job) -> tuple[str, str | None]:
+    """The job's metric and its direction (max/min), None when the server does not know the workload."""
+    metric = job.spec.get("metric")
+    try:
+        info = next((w for w in client.workloads() if w.name == job.workload), None)
+    except KoalaError:
+        info = None
+    if info is None:
+        return str(metric or "metric"), None
+    metric = str(metric or info.metric)
+    return metric, info.metrics.get(metric)
+
+
+def _update_best(best: dict[str, float], data: dict[str, Any], mode: str | None) -> str | None:
+    """Fold an epoch event's value into its optimizer's best (the latest when the direction is unknown); returns
+    the optimizer, None when the event has no usable value (NaN: a diverged trial)."""
+    name, value = data.get("optimizer"), data.get("value")
+    if not isinstance(name, str) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    current = best.get(name)
+    if current is None or mode is None:
+        best[name] = value
+    else:
+        best[name] = max(current, value) if mode == "max" else min(current, value)
+    return name
+
+
+STATE_STYLES = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "cancelling": "yellow", "running": "cyan"}
+
+
+def _state(state: str) -> str:
+    style = STATE_STYLES.get(state)
+    return f"[{style}]{state}[/{style}]" if style else state
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+# ---- helpers shared by run and the server commands ----------------------------------------------------------------
 
 
 def _stop_on_interrupt(stop: threading.Event) -> None:

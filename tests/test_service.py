@@ -1,0 +1,342 @@
+"""The HTTP service through a real `koala serve` process: jobs, restarts, auth, idempotency, validation, paging,
+events. Jobs run on a real local Ray started by each job's driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import optuna
+import pytest
+
+from service.recorder import job_study_names, storage_for
+from service.store import Store
+from tests.conftest import LiveServer, free_port
+
+TINY_DIGITS = {"batch_size": 32, "hidden": 16, "limit_train": 256}
+Factory = Callable[..., LiveServer]
+
+
+def tiny_spec(**changes: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": "tiny digits",
+        "workload": "digits-mlp",
+        "workload_config": TINY_DIGITS,
+        "epochs": 2,
+        "seeds": 2,
+        "max_concurrent_trials": 2,
+        "optimizers": [
+            {"name": "koala-v"},
+            {"name": "sgd", "params": {"lr": 0.1}},
+            {"name": "adam", "search": {"lr": {"low": 1e-3, "high": 1e-1, "log": True}}, "trials": 2},
+        ],
+    }
+    spec.update(changes)
+    return spec
+
+
+def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job  # type: ignore[no-any-return]
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {job['state']} after {timeout} s")
+
+
+def studies_trials(database_url: str, job_id: str) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    storage = storage_for(database_url)
+    return {
+        name.split("/", 1)[1]: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        for name in job_study_names(storage, job_id)
+    }
+
+
+def assert_each_planned_trial_once(database_url: str, job_id: str, spec: dict[str, Any]) -> None:
+    """Every planned (optimizer, phase, seed) slot appears exactly once, and nothing is left RUNNING."""
+    trials = studies_trials(database_url, job_id)
+    seeds = spec["seeds"]
+    for entry in spec["optimizers"]:
+        found = trials[entry["name"]]
+        assert not [t for t in found if t.state == optuna.trial.TrialState.RUNNING]
+        slots = Counter((t.user_attrs["phase"], t.user_attrs["seed"]) for t in found)
+        expected = Counter({("eval", seed): 1 for seed in range(seeds)})
+        if "trials" in entry:
+            expected[("tune", 0)] = entry["trials"]
+        assert slots == expected, entry["name"]
+
+
+def driver_pid(server: LiveServer, job_id: str) -> int:
+    store = Store(server.database_url)
+    try:
+        job = store.get_job(job_id)
+        assert job is not None
+        assert job.driver_pid is not None
+        return job.driver_pid
+    finally:
+        store.close()
+
+
+# ---- validation, idempotency, paging (no job runs: the scheduler is off) -----------------------------------------
+
+
+@pytest.fixture
+def api(server_factory: Factory) -> LiveServer:
+    return server_factory(run_scheduler="false")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"workload": "imagenet"}, "workload"),
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": 100000}, "epochs"),
+        ({"seeds": []}, "seeds"),
+        ({"metric": "bleu"}, "metric"),
+        ({"scheduler": "hyperband"}, "scheduler"),
+        ({"workload_config": {"hidden": -1}}, "workload_config"),
+        ({"optimizers": []}, "optimizers"),
+        ({"optimizers": [{"name": "lion"}]}, "optimizers.0.name"),
+        ({"optimizers": [{"name": "sgd", "params": {"momentum": 0.9}}]}, "optimizers.0"),
+        (
+            {"optimizers": [{"name": "adam", "search": {"lr": {"low": 1, "high": 0.1}}, "trials": 2}]},
+            "optimizers.0.search.lr",
+        ),
+        ({"optimizers": [{"name": "sgd"}, {"name": "sgd"}]}, "optimizers"),
+        ({"resources": {"cpu": 0}}, "resources.cpu"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_invalid_specs_are_rejected_naming_the_field(api: LiveServer, change: dict[str, Any], field: str) -> None:
+    with api.client() as client:
+        response = client.post("/v1/jobs", json=tiny_spec(**change))
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+        problem = response.json()
+        assert problem["status"] == 422
+        assert problem["title"]
+        assert field in [e["field"] for e in problem["errors"]], problem
+        assert client.get("/v1/jobs").json()["jobs"] == []  # nothing stored
+
+
+def test_malformed_bodies_and_unknown_paths_get_problem_json(api: LiveServer) -> None:
+    with api.client() as client:
+        response = client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+        assert response.status_code == 422
+        assert response.json()["errors"]
+        response = client.get("/v1/jobs/does-not-exist")
+        assert response.status_code == 404
+        assert response.json()["detail"] == "no job does-not-exist"
+        assert client.get("/v1/jobs", params={"limit": 0}).json()["field"] == "limit"
+        assert client.get("/v1/jobs", params={"cursor": "garbage!"}).json()["field"] == "cursor"
+        assert client.get("/nowhere").headers["content-type"].startswith("application/problem+json")
+
+
+def test_idempotency_key(api: LiveServer) -> None:
+    with api.client() as client:
+        first = client.post("/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "k-1"})
+        again = client.post("/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "k-1"})
+        assert first.status_code == again.status_code == 202
+        assert first.json()["id"] == again.json()["id"]
+        other = client.post("/v1/jobs", json=tiny_spec(epochs=3), headers={"Idempotency-Key": "k-1"})
+        assert other.status_code == 422
+        assert other.json()["field"] == "Idempotency-Key"
+        assert first.json()["id"] in other.json()["detail"]
+        fresh = client.post("/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "k-2"})
+        assert fresh.json()["id"] != first.json()["id"]
+        assert [j["id"] for j in client.get("/v1/jobs").json()["jobs"]] == [fresh.json()["id"], first.json()["id"]]
+
+
+def test_pagination_and_state_filter(api: LiveServer) -> None:
+    with api.client() as client:
+        ids = [client.post("/v1/jobs", json=tiny_spec(name=f"job {i}")).json()["id"] for i in range(7)]
+        cancelled = client.post(f"/v1/jobs/{ids[2]}/cancel").json()
+        assert cancelled["state"] == "cancelled"  # a queued job ends at once
+        assert client.post(f"/v1/jobs/{ids[2]}/cancel").json()["state"] == "cancelled"  # idempotent
+        seen, cursor, pages = [], None, 0
+        while True:
+            params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+            page = client.get("/v1/jobs", params=params).json()
+            seen += [job["id"] for job in page["jobs"]]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == ids[::-1]
+        assert pages == 3
+        queued = client.get("/v1/jobs", params={"state": "queued"}).json()["jobs"]
+        assert {job["id"] for job in queued} == set(ids) - {ids[2]}
+        both = client.get("/v1/jobs", params=[("state", "queued"), ("state", "cancelled")]).json()["jobs"]
+        assert len(both) == 7
+        assert client.get("/v1/jobs", params={"state": "sleeping"}).json()["field"] == "state.0"
+
+
+def test_event_stream_of_a_cancelled_queued_job(api: LiveServer) -> None:
+    with api.client() as client:
+        job = client.post("/v1/jobs", json=tiny_spec()).json()
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in response.iter_lines() if line.startswith("data:")]
+        events = [json.loads(line.removeprefix("data:")) for line in lines]
+        assert [e["data"]["state"] for e in events] == ["queued", "cancelled"]
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": str(events[0]["id"])}) as r:
+            resumed = [json.loads(line.removeprefix("data:")) for line in r.iter_lines() if line.startswith("data:")]
+        assert [e["id"] for e in resumed] == [events[1]["id"]]
+        assert client.get(f"/v1/jobs/{job['id']}/results").status_code == 409
+
+
+def test_catalogue_and_health(api: LiveServer) -> None:
+    with api.client() as client:
+        workloads = {w["name"]: w for w in client.get("/v1/workloads").json()}
+        assert workloads["digits-mlp"]["metric"] == "val_accuracy"
+        assert workloads["digits-mlp"]["mode"] == "max"
+        assert workloads["digits-mlp"]["config"]["hidden"] == 128
+        optimizers = {o["name"]: o for o in client.get("/v1/optimizers").json()}
+        assert {"koala-v", "koala-m", "sgd", "momentum", "adam", "adamw"} <= set(optimizers)
+        assert {h["name"] for h in optimizers["sgd"]["hyperparameters"]} == {"lr", "weight_decay"}
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz").json()
+        assert ready["database"] == "ok"
+        assert ready["ray"].startswith("local")
+        assert client.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]
+
+
+# ---- auth ----------------------------------------------------------------------------------------------------------
+
+
+def test_auth_matrix(server_factory: Factory) -> None:
+    server = server_factory(run_scheduler="false")
+    store = Store(server.database_url)
+    alice, bob = store.create_token("alice").token, store.create_token("bob").token
+    store.close()
+    time.sleep(2.1)  # the server caches "are there tokens" for 2 s
+    with server.client() as anonymous, server.client("wrong") as wrong:
+        for client in (anonymous, wrong):
+            response = client.get("/v1/jobs")
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert client.post("/v1/jobs", json=tiny_spec()).status_code == 401
+        assert anonymous.get("/healthz").status_code == 200  # probes need no token
+    with server.client(alice) as a, server.client(bob) as b:
+        job = a.post("/v1/jobs", json=tiny_spec()).json()
+        path = f"/v1/jobs/{job['id']}"
+        assert a.get(path).status_code == 200
+        for method, suffix in [("GET", ""), ("GET", "/trials"), ("GET", "/results"), ("GET", "/events"),
+                               ("POST", "/cancel")]:  # fmt: skip
+            assert b.request(method, path + suffix).status_code == 404, suffix
+        assert b.get("/v1/jobs").json()["jobs"] == []
+        assert [j["id"] for j in a.get("/v1/jobs").json()["jobs"]] == [job["id"]]
+        assert a.get(path).json()["state"] == "queued"  # bob's cancel did nothing
+        # Idempotency keys are per token: bob's identical key is a new job of his own.
+        ka = a.post("/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "same"}).json()
+        kb = b.post("/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "same"}).json()
+        assert ka["id"] != kb["id"]
+
+
+def test_serve_refuses_a_public_address_without_tokens(tmp_path: Any) -> None:
+    env = {**os.environ, "KOALA_DATA_DIR": str(tmp_path)}
+    env.pop("KOALA_DATABASE_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "koala_client.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "refusing to serve on 0.0.0.0 without API tokens" in result.stderr
+
+
+# ---- running jobs: cancel, restarts, dead drivers ------------------------------------------------------------------
+
+pytest_slow = pytest.mark.slow
+
+
+@pytest_slow
+def test_cancel_a_running_job(server_factory: Factory) -> None:
+    server = server_factory()
+    spec = tiny_spec(epochs=30, seeds=2, optimizers=[{"name": "sgd", "params": {"lr": 0.05}}])
+    with server.client() as client:
+        job = client.post("/v1/jobs", json=spec).json()
+        deadline = time.monotonic() + 120
+        while not any(t["epochs_done"] >= 1 for t in client.get(f"/v1/jobs/{job['id']}/trials").json()):
+            assert time.monotonic() < deadline, "no trial reached its first epoch"
+            time.sleep(0.3)
+        asked = time.monotonic()
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelling"
+        done = wait_for(client, job["id"], {"cancelled", "failed", "succeeded"}, timeout=60)
+        assert done["state"] == "cancelled"
+        assert time.monotonic() - asked < 30
+        trials = client.get(f"/v1/jobs/{job['id']}/trials").json()
+        assert trials
+        assert {t["state"] for t in trials} <= {"pruned", "complete"}
+        assert any(t["state"] == "pruned" and t["reason"] == "cancelled" for t in trials)
+
+
+@pytest_slow
+def test_api_killed_mid_job_then_restarted(server_factory: Factory) -> None:
+    server = server_factory()
+    spec = tiny_spec(epochs=3, seeds=2)
+    with server.client() as client:
+        job = client.post("/v1/jobs", json=spec).json()
+        wait_for(client, job["id"], {"running"})
+        while client.get(f"/v1/jobs/{job['id']}").json()["trials_done"] < 1:
+            time.sleep(0.3)
+    server.kill()  # kill -9: the job's driver keeps running on its own
+    time.sleep(2)
+    server.start()
+    with server.client() as client:
+        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"})
+    assert done["state"] == "succeeded", done
+    assert done["attempts"] == 1  # the driver was never restarted
+    assert done["trials_done"] == done["trials_total"] == 8
+    assert_each_planned_trial_once(server.database_url, job["id"], spec)
+
+
+@pytest_slow
+def test_killed_driver_is_resumed(server_factory: Factory) -> None:
+    server = server_factory()
+    spec = tiny_spec(epochs=3, seeds=2)
+    with server.client() as client:
+        job = client.post("/v1/jobs", json=spec).json()
+        wait_for(client, job["id"], {"running"})
+        while client.get(f"/v1/jobs/{job['id']}").json()["trials_done"] < 2:
+            time.sleep(0.3)
+        os.kill(driver_pid(server, job["id"]), signal.SIGKILL)
+        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"})
+        assert done["state"] == "succeeded", done
+        assert done["attempts"] == 2
+        trials = client.get(f"/v1/jobs/{job['id']}/trials").json()
+        assert all(t["state"] == "complete" for t in trials)
+        events = client.get(f"/v1/jobs/{job['id']}/events")
+        states = [json.loads(line[5:])["data"] for line in events.text.splitlines() if line.startswith("data:")]
+        assert {"state": "queued", "reason": "its driver died; resuming"} in states
+    assert_each_planned_trial_once(server.database_url, job["id"], spec)
+
+
+@pytest_slow
+def test_driver_that_keeps_dying_fails_the_job_with_a_reason(server_factory: Factory) -> None:
+    server = server_factory(max_driver_starts=1)
+    spec = tiny_spec(epochs=20, seeds=2, optimizers=[{"name": "sgd", "params": {"lr": 0.05}}])
+    with server.client() as client:
+        job = client.post("/v1/jobs", json=spec).json()
+        while not any(t["state"] == "running" for t in client.get(f"/v1/jobs/{job['id']}/trials").json()):
+            time.sleep(0.3)
+        os.kill(driver_pid(server, job["id"]), signal.SIGKILL)
+        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=60)
+        assert done["state"] == "failed"
+        assert "driver died" in done["error"]
+        trials = client.get(f"/v1/jobs/{job['id']}/trials").json()
+        assert trials
+        assert not [t for t in trials if t["state"] == "running"]
+        assert all("driver died" in t["reason"] for t in trials if t["state"] == "fail")
