@@ -84,13 +84,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+SESSION_COOKIE = "koala_session"  # set by the dashboard's login; holds the API token (HttpOnly, SameSite=Strict)
+
+
 def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    """The bearer token's owner; every request is allowed in open mode (no token exists)."""
+    """The owner of the bearer token (or of the dashboard's session cookie); everyone in open mode (no tokens)."""
     store: Store = request.app.state.store
     if not store.has_tokens():
         return Caller(None, restricted=False)
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        token = request.cookies.get(SESSION_COOKIE, "")
+    if not token.strip():
         raise ProblemError(401, "Unauthorized", "this server needs an API token: send `Authorization: Bearer TOKEN`")
     owner = store.token_owner(token.strip())
     if owner is None:
@@ -393,6 +398,7 @@ def _trial(optimizer: str, trial: FrozenTrial) -> schemas.Trial:
         wall_seconds=float(attrs.get("wall_seconds", 0.0)),
         epoch_seconds=list(attrs.get("epoch_seconds", [])),
         device=attrs.get("device"),
+        node=attrs.get("node"),
         reason=attrs.get("reason"),
         # Optuna stores local wall-clock times without a zone.
         started_at=trial.datetime_start.astimezone() if trial.datetime_start else None,

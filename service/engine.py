@@ -136,6 +136,7 @@ class JobSearcher(Searcher):
                 "wall_seconds": float((result or {}).get("wall_seconds", 0.0)),
                 "epoch_seconds": list((result or {}).get("epoch_seconds", [])),
                 "device": (result or {}).get("device", "unknown"),
+                "node": (result or {}).get("node"),
                 "diverged": bool((result or {}).get("diverged", False)),
             }
             Recorder.close(opened, state, value=value, reason=reason, attrs=attrs)
@@ -277,6 +278,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from koala import train
 
+    node = ray.get_runtime_context().get_node_id()  # which cluster node ran (the last attempt of) the trial
     wants_gpu = float(config["gpu"]) > 0
     device = "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, int(config["cpu"])))
@@ -296,6 +298,7 @@ def run_trial(config: dict[str, Any]) -> None:
                     OBJECTIVE: metrics[config["metric"]],
                     "epoch": epoch,
                     "device": device,
+                    "node": node,
                     "wall_seconds": time.perf_counter() - started,
                     "epoch_seconds": list(epoch_seconds),
                 },
@@ -320,6 +323,7 @@ def run_trial(config: dict[str, Any]) -> None:
                     "epoch": result.diverged_at,
                     OBJECTIVE: math.nan,
                     "device": device,
+                    "node": node,
                     "wall_seconds": time.perf_counter() - started,
                     "epoch_seconds": list(epoch_seconds),
                 }

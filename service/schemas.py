@@ -61,6 +61,7 @@ class Trial(BaseModel):
     wall_seconds: float = 0.0
     epoch_seconds: list[float] = Field(default_factory=list)
     device: str | None = None
+    node: str | None = None  # Ray node id of the node that ran it
     reason: str | None = None  # why a trial was pruned or failed
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -6,16 +6,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import optuna
 import pytest
+import yaml
+from koala_client import KoalaClient
 
 from service.recorder import job_study_names, storage_for
 from service.store import Store
@@ -340,3 +344,57 @@ def test_driver_that_keeps_dying_fails_the_job_with_a_reason(server_factory: Fac
         assert trials
         assert not [t for t in trials if t["state"] == "running"]
         assert all("driver died" in t["reason"] for t in trials if t["state"] == "fail")
+
+
+# ---- the main path: the CLI submits, the SDK follows, both read the results ---------------------------------------
+
+
+def koala_cli(server: LiveServer, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**server.env, "KOALA_URL": server.url}
+    return subprocess.run(
+        [sys.executable, "-m", "koala_client.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest_slow
+def test_main_path_through_the_cli_and_the_sdk(server_factory: Factory, tmp_path: Path) -> None:
+    server = server_factory()
+    spec = tiny_spec()
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    submitted = koala_cli(server, "submit", str(spec_file))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+
+    with KoalaClient(server.url) as client:
+        done_counts: list[int] = []
+        job = client.wait(job_id, progress=lambda j: done_counts.append(j.trials_done))
+        assert job.state == "succeeded", job.error
+        assert done_counts == sorted(done_counts)
+        assert job.trials_done == job.trials_total == 8
+        events = list(client.events(job_id))
+        assert [e.data["state"] for e in events if e.kind == "state"] == ["queued", "running", "succeeded"]
+        trials = client.trials(job_id)
+        complete = [t for t in trials if t.state == "complete"]
+        assert len([e for e in events if e.kind == "epoch"]) >= 2 * len(complete)
+        report = client.results(job_id)
+
+    # The report's numbers, recomputed from the trials.
+    assert len(trials) == 8
+    for row in report.optimizers:
+        finals = [t.value for t in trials if t.optimizer == row.optimizer and t.phase == "eval" and t.value is not None]
+        assert row.final_mean == pytest.approx(statistics.mean(finals))
+        assert row.compute_seconds == pytest.approx(sum(t.wall_seconds for t in trials if t.optimizer == row.optimizer))
+    means = {row.optimizer: row.final_mean for row in report.optimizers}
+    assert report.ranking == sorted(means, key=lambda name: -(means[name] or 0))
+
+    watched = koala_cli(server, "watch", job_id)
+    assert watched.returncode == 0, watched.stderr
+    assert "koala-v" in watched.stdout
+    plot = tmp_path / "curves.png"
+    assert koala_cli(server, "results", job_id, "--plot", str(plot)).returncode == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert job_id in koala_cli(server, "jobs").stdout
+    missing = koala_cli(server, "results", "nope")
+    assert missing.returncode == 1
+    assert "no job nope" in missing.stderr
