@@ -87,7 +87,9 @@ def is_loopback(host: str) -> bool:
 SESSION_COOKIE = "koala_session"  # set by the dashboard's login; holds the API token (HttpOnly, SameSite=Strict)
 
 
-def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+# Cheap reads (an indexed row, WAL mode: never blocked by a writer) run on the event loop: a thread hop per
+# dependency costs more than the query. Writes and the Optuna readers run in the thread pool.
+async def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
     """The owner of the bearer token (or of the dashboard's session cookie); everyone in open mode (no tokens)."""
     store: Store = request.app.state.store
     if not store.has_tokens():
@@ -106,7 +108,7 @@ def caller(request: Request, authorization: Annotated[str | None, Header()] = No
 Auth = Annotated[Caller, Depends(caller)]
 
 
-def visible_job(request: Request, job_id: str, who: Auth) -> JobRow:
+async def visible_job(request: Request, job_id: str, who: Auth) -> JobRow:
     """The job, if it exists and the caller may see it; another owner's job is indistinguishable from a missing one."""
     job = request.app.state.store.get_job(job_id)
     if job is None or not who.may_see(job):
@@ -209,7 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return job.to_schema()
 
     @app.get("/v1/jobs", response_model=schemas.JobPage, tags=["jobs"])
-    def list_jobs(
+    async def list_jobs(
         who: Auth,
         state: Annotated[list[schemas.JobState] | None, Query(description="Only jobs in these states")] = None,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -225,7 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return schemas.JobPage(jobs=[r.to_schema() for r in rows], next_cursor=next_cursor)
 
     @app.get("/v1/jobs/{job_id}", response_model=schemas.Job, tags=["jobs"])
-    def get_job(job: VisibleJob) -> schemas.Job:
+    async def get_job(job: VisibleJob) -> schemas.Job:
         """Spec, state, progress (trials done/total per optimizer), timestamps and error of a job."""
         return job.to_schema()
 

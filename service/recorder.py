@@ -2,8 +2,9 @@
 
 Study `job-{id}/{optimizer}` carries the job's context as study user attributes (mode, metric, direction, target,
 epochs, the hyperparameters of fixed entries). Each trial carries its params, one intermediate value per epoch, its
-final value and state (COMPLETE, PRUNED or FAIL with a reason) and the user attributes seed, phase (`tune` or
-`eval`), epochs_done, wall_seconds, epoch_seconds, device, diverged, reason and hyperparams.
+final value and state (COMPLETE, PRUNED or FAIL with a reason) and the user attributes optimizer, seed, phase (`tune`
+or `eval`), epochs_done, wall_seconds, epoch_seconds, device, node (the Ray node), diverged, reason, hyperparams and,
+for a trial re-run after its driver died, restarts.
 """
 
 from __future__ import annotations

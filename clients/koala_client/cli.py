@@ -158,8 +158,8 @@ def server_command(func: Callable[..., None]) -> Callable[..., None]:
     default=8000,
     show_default=True,
     envvar="KOALA_PORT",
-    type=click.IntRange(0, 65535),
-    help="0: any free port",
+    type=click.IntRange(1, 65535),
+    help="Port to listen on",
 )
 def serve(host: str, port: int) -> None:
     """Run the API server and the job scheduler until interrupted.
