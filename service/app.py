@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from koala import optimizers, workloads
 from service import schemas
+from service.dashboard import mount as mount_dashboard
 from service.jobspec import JobSpec, SpecError
 from service.recorder import job_study_names, storage_for
 from service.report import build_report
@@ -308,6 +309,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ProblemError(503, "Not ready", f"Ray cluster {ray}")
         return {"status": "ready", "database": "ok", "ray": ray}
 
+    mount_dashboard(app)
     return app
 
 

@@ -172,6 +172,39 @@ def serve(host: str, port: int) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback only)")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+def dashboard(host: str, port: int) -> None:
+    """Run optuna-dashboard alone on the service's database (KOALA_DATABASE_URL): every job's studies.
+
+    It has no login of its own, so it binds loopback addresses only. `koala serve` also serves it, at /optuna, behind
+    the API's tokens.
+    """
+    import optuna_dashboard
+    import uvicorn
+    from a2wsgi import WSGIMiddleware
+    from sqlalchemy.engine import make_url
+
+    from service.app import is_loopback
+    from service.recorder import storage_for
+    from service.settings import Settings
+
+    if not is_loopback(host):
+        _error(
+            f"refusing to serve optuna-dashboard on {host}: it has no authentication, so anyone reaching it could "
+            "read (and change) every job's studies. Bind 127.0.0.1, or use `koala serve`, which serves it at "
+            "/optuna behind the API's tokens."
+        )
+        sys.exit(1)
+    url = Settings().database_url
+    app = WSGIMiddleware(optuna_dashboard.wsgi(storage_for(url)))
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"optuna-dashboard for {make_url(url).render_as_string(hide_password=True)}")
+    click.echo(f"http://{shown}:{port}/dashboard", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@main.command()
 @click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--idempotency-key", metavar="KEY", help="Retrying with the same key returns the first job, not a new one"

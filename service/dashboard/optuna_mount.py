@@ -5,8 +5,8 @@ its scripts call `/api/...`. Under a prefix, the page and the bundle are served 
 (the rewritten strings are template literals and property names, which minification keeps).
 
 Once API tokens exist, each request needs the session cookie or a bearer token, and a token sees only the studies of
-the jobs the API shows it. It is read-only here: a job's driver is the single writer of its studies, so notes,
-renames, deletions and manual trial results are refused.
+the jobs the API shows it (a route not known to be about one study, or about none, is refused). It is read-only here:
+a job's driver is the single writer of its studies, so notes, renames, deletions and manual trial results are refused.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ STUDY_NAME = re.compile(r"^job-(?P<job>[^/]+)/")
 # Requests about one study: its detail, plots, importances, CSV export, artifacts.
 STUDY_PATH = re.compile(r"^/(?:api/studies|csv|artifacts)/(?P<study>\d+)(?:/|$)")
 READ_METHODS = frozenset({"GET", "HEAD"})
+SHARED_PATHS = frozenset({"/api/meta", "/favicon.ico"})  # nothing about any study
 
 
 def patch_bundle(source: str, prefix: str) -> str:
@@ -100,9 +101,12 @@ class OptunaDashboard:
             return await self._bundle(scope, prefix)
         if path.startswith("/dashboard"):
             status, headers, body = await self._buffered(scope)
-            page = body.replace(b'src="/static/', f'src="{prefix}/static/'.encode())
+            icon = f'<head>\n    <link rel="icon" href="{prefix}/favicon.ico">'  # else browsers ask the site root
+            page = body.replace(b'src="/static/', f'src="{prefix}/static/'.encode()).replace(
+                b"<head>", icon.encode(), 1
+            )
             return Response(page, status_code=status, headers=headers)
-        if not who.restricted:
+        if not who.restricted or path in SHARED_PATHS or path.startswith("/static/"):
             return None
         if match := STUDY_PATH.match(path):
             name = await run_in_threadpool(self._study_name, int(match["study"]))
@@ -117,7 +121,8 @@ class OptunaDashboard:
             summaries = listing.get("study_summaries", [])
             listing["study_summaries"] = await run_in_threadpool(self._visible, who, summaries)
             return JSONResponse(listing, headers={k: v for k, v in headers.items() if k.lower() != "content-type"})
-        return None
+        # Anything else could show studies we have not checked (a route a later optuna-dashboard adds, say).
+        return _problem(404, "Not Found", f"{path} is not served to API tokens")
 
     def _study_name(self, study_id: int) -> str | None:
         try:
@@ -137,7 +142,8 @@ class OptunaDashboard:
     async def _bundle(self, scope: Scope, prefix: str) -> Response:
         if prefix not in self._bundles:
             plain = dict(scope)
-            plain["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
+            kept = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
+            plain["headers"] = [*kept, (b"accept-encoding", b"identity")]  # it insists on the header
             status, _, body = await self._buffered(plain)
             if status != 200:
                 return _problem(502, "Bad Gateway", f"optuna-dashboard did not serve its script ({status})")

@@ -121,7 +121,7 @@ def install_pages(app: FastAPI) -> None:
     <span class="mono" aria-current="page">{jid}</span></nav>
   <div class="title-row">
     <h1>{name}</h1>
-    <span id="job-state" class="badge">{html.escape(job.state)}</span>
+    <span id="job-state" class="badge state-{html.escape(job.state)}">{html.escape(job.state)}</span>
     <button type="button" id="cancel" class="danger" hidden>Cancel job</button>
   </div>
   <dl id="facts" class="facts"></dl>
@@ -143,22 +143,24 @@ def install_pages(app: FastAPI) -> None:
     <h2 id="curves-title">Learning curves</h2>
     <p class="muted small">Mean over seeds of the evaluation runs, with a band of &plusmn; one standard deviation.
       Click a legend entry to hide or show an optimizer.</p>
-    <div id="curves" class="chart" role="img" aria-label="Learning curves per optimizer"></div>
+    <div id="curves" class="chart" role="figure" aria-labelledby="curves-title"></div>
   </section>
   <section aria-labelledby="spread-title">
     <h2 id="spread-title">Final result across seeds</h2>
     <p class="muted small">The final metric of every finished evaluation run, per optimizer.</p>
-    <div id="spread" class="chart" role="img" aria-label="Final metric per optimizer across seeds"></div>
+    <div id="spread" class="chart" role="figure" aria-labelledby="spread-title"></div>
   </section>
 </div>
 <section aria-labelledby="trials-title">
   <h2 id="trials-title">Trials</h2>
   <div class="toolbar filters">
-    <label for="f-optimizer">Optimizer</label><select id="f-optimizer"><option value="">All</option></select>
-    <label for="f-phase">Phase</label>
-    <select id="f-phase"><option value="">All</option><option value="tune">tune</option>
-      <option value="eval">eval</option></select>
-    <label for="f-state">State</label><select id="f-state"><option value="">All</option></select>
+    <span class="field"><label for="f-optimizer">Optimizer</label>
+      <select id="f-optimizer"><option value="">All</option></select></span>
+    <span class="field"><label for="f-phase">Phase</label>
+      <select id="f-phase"><option value="">All</option><option value="tune">tune</option>
+        <option value="eval">eval</option></select></span>
+    <span class="field"><label for="f-state">State</label>
+      <select id="f-state"><option value="">All</option></select></span>
     <span id="trial-count" class="muted" aria-live="polite"></span>
   </div>
   <div class="table-wrap"><table id="trials" class="data"></table></div>
@@ -184,10 +186,12 @@ def install_pages(app: FastAPI) -> None:
         return RedirectResponse(f"{base}/dashboard/studies/{study_id}", status_code=303)
 
     @app.get("/ui/login", include_in_schema=False)
-    def login_form(request: Request, next: str | None = None) -> Response:
-        if not store.has_tokens():
-            return RedirectResponse(safe_next(next), status_code=303)
-        return _login(request, safe_next(next))
+    async def login_form(request: Request, next: str | None = None) -> Response:
+        try:
+            await caller(request, request.headers.get("authorization"))
+        except ProblemError:
+            return _login(request, safe_next(next))
+        return RedirectResponse(safe_next(next), status_code=303)  # open mode, or signed in already
 
     @app.post("/ui/login", include_in_schema=False)
     async def login(request: Request) -> Response:

@@ -38,8 +38,13 @@ export function seconds(value) {
 export function when(iso) {
   if (!iso) return "–";
   return new Date(iso).toLocaleString(undefined, {
-    year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
+    month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
   });
+}
+
+export function clock(iso) {
+  if (!iso) return "–";
+  return new Date(iso).toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
 }
 
 export function params(values) {

@@ -26,7 +26,7 @@ function row(job) {
     h("td", {}, badge(job.state)),
     h("td", {}, job.workload),
     h("td", { class: "wrap" }, job.optimizers.join(", ")),
-    h("td", { class: "num" },
+    h("td", { class: "progress" },
       h("progress", { max: job.trials_total || 1, value: job.trials_done, "aria-hidden": "true" }),
       `${job.trials_done}/${job.trials_total}`),
     h("td", {}, h("time", { datetime: job.created_at }, when(job.created_at))),
@@ -42,7 +42,8 @@ async function load() {
   try {
     page = await api(`/v1/jobs?${query}`);
   } catch (error) {
-    table.replaceChildren(h("tr", {}, h("td", { colspan: 6, class: "empty" }, `Could not load jobs: ${error.message}`)));
+    const message = `Could not load jobs: ${error.message}`;
+    table.replaceChildren(h("tr", {}, h("td", { colspan: 6, class: "empty" }, message)));
     return;
   }
   nextCursor = page.next_cursor;
