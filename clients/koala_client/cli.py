@@ -39,6 +39,12 @@ from service.schemas import JOB_STATES, Job
 console = Console(stderr=True, highlight=False)
 
 
+def stdout() -> Console:
+    """Where tables go: the terminal's width, or 160 columns when stdout is a file or pipe (rich would use 80)."""
+    out = Console()
+    return out if out.is_terminal else Console(width=160)
+
+
 def default_data_dir() -> Path:
     """Where jobs keep their database and outputs: $KOALA_DATA_DIR, else ~/.koala."""
     return Path(os.environ.get("KOALA_DATA_DIR") or Path.home() / ".koala").expanduser()
@@ -238,7 +244,7 @@ def jobs(client: KoalaClient, state: str | None, limit: int) -> None:
             _when(job.created_at),
         )
     if table.row_count:
-        Console().print(table)
+        stdout().print(table)
     else:
         console.print("no jobs" + (f" in state {state}" if state else ""))
 
@@ -287,7 +293,7 @@ def workloads(client: KoalaClient) -> None:
     for info in client.workloads():
         config = ", ".join(f"{key}={value}" for key, value in info.config.items())
         table.add_row(info.name, f"{info.metric} ({info.mode})", escape(config), escape(info.description))
-    Console().print(table)
+    stdout().print(table)
 
 
 @main.command()
@@ -298,7 +304,7 @@ def optimizers(client: KoalaClient) -> None:
     for info in client.optimizers():
         params = ", ".join(f"{p.name}={p.default}" for p in info.hyperparameters)
         table.add_row(info.name, escape(params), escape(info.description))
-    Console().print(table)
+    stdout().print(table)
 
 
 @main.group()
@@ -472,7 +478,7 @@ def print_report(report: dict[str, Any]) -> None:
             f"{row['compute_seconds']:.1f}",
             json.dumps(row["hyperparams"]) if row["hyperparams"] else "defaults",
         )
-    Console().print(table)
+    stdout().print(table)
     for cost in report["hpo_cost"]:
         if cost["matched"]:
             text = (
@@ -484,7 +490,7 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{cost['optimizer']} never matched {cost['koala_optimizer']} ({cost['koala_result']:.4g}) while "
                 f"tuning: HPO cost ratio > {cost['ratio_lower_bound'] or 0:.1f}x"
             )
-        Console().print(text)
+        stdout().print(text)
 
 
 def _fmt(value: float | None) -> str:
