@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,18 +110,21 @@ def kill_drivers(database_url: str) -> None:
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[Any]:
-    """Start servers on a fresh data directory: `server_factory(**KOALA_settings)`; all stopped afterwards."""
+    """Start servers on a fresh data directory: `server_factory(database_url=None, env=None, **KOALA_settings)`;
+    all stopped afterwards. `env` adds variables to the server's environment (which inherits its drivers), e.g.
+    RAY_ADDRESS of a cluster; otherwise RAY_ADDRESS is removed, so each job starts a local Ray."""
     started: list[LiveServer] = []
 
-    def start(database_url: str | None = None, **settings: Any) -> LiveServer:
+    def start(database_url: str | None = None, env: Mapping[str, str] | None = None, **settings: Any) -> LiveServer:
         data_dir = tmp_path / f"koala-{len(started)}"
         data_dir.mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "RAY_ADDRESS"))}
-        env["KOALA_DATA_DIR"] = str(data_dir)
-        env["KOALA_DATABASE_URL"] = database_url or f"sqlite:///{data_dir / 'koala.db'}"
-        env["KOALA_SCHEDULER_SECONDS"] = "0.5"
-        env.update({f"KOALA_{key.upper()}": str(value) for key, value in settings.items()})
-        server = LiveServer(data_dir, env)
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "RAY_ADDRESS"))}
+        environment["KOALA_DATA_DIR"] = str(data_dir)
+        environment["KOALA_DATABASE_URL"] = database_url or f"sqlite:///{data_dir / 'koala.db'}"
+        environment["KOALA_SCHEDULER_SECONDS"] = "0.5"
+        environment.update({f"KOALA_{key.upper()}": str(value) for key, value in settings.items()})
+        environment.update(env or {})
+        server = LiveServer(data_dir, environment)
         started.append(server)
         return server.start()
 
@@ -129,3 +132,17 @@ def server_factory(tmp_path: Path) -> Iterator[Any]:
     for server in started:
         server.stop()
         kill_drivers(server.database_url)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (dropped afterwards); the test is skipped when the server at
+    KOALA_TEST_POSTGRES_URL (default: postgres@127.0.0.1:5432) cannot be reached."""
+    from tests.topology import PostgresUnavailableError, temporary_database
+
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(temporary_database())
+        except PostgresUnavailableError as error:
+            pytest.skip(str(error))
+        yield url

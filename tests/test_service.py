@@ -59,10 +59,13 @@ def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout: float
 
 def studies_trials(database_url: str, job_id: str) -> dict[str, list[optuna.trial.FrozenTrial]]:
     storage = storage_for(database_url)
-    return {
-        name.split("/", 1)[1]: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-        for name in job_study_names(storage, job_id)
-    }
+    try:
+        return {
+            name.split("/", 1)[1]: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+            for name in job_study_names(storage, job_id)
+        }
+    finally:
+        storage.engine.dispose()  # type: ignore[attr-defined]  # (an RDBStorage) no pooled connection outlives it
 
 
 def assert_each_planned_trial_once(database_url: str, job_id: str, spec: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""A real multi-node Ray cluster on one host: one `ray start --block` process per node, all on 127.0.0.1.
+"""The scale-out topology on one host: a fresh PostgreSQL database, and a real multi-node Ray cluster of one
+`ray start --block` process per node, all on 127.0.0.1.
 
 Every node gets its own ports (so two raylets can share the host) and its own directory under one private temp
 root, which is how its processes are found again: killing a node kills the `ray start` process group and every
@@ -22,11 +23,41 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 RAY = str(Path(sys.executable).with_name("ray"))
+POSTGRES_URL = os.environ.get("KOALA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+class PostgresUnavailableError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def temporary_database(server_url: str = POSTGRES_URL) -> Iterator[str]:
+    """A new, empty database `koala_test_<random>` on the server of `server_url`; yields its SQLAlchemy URL and
+    drops it afterwards (closing whatever connections are left). Raises PostgresUnavailableError when the server
+    cannot be reached."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url)
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    name = f"koala_test_{secrets.token_hex(6)}"
+    try:
+        connection = psycopg.connect(admin, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        raise PostgresUnavailableError(f"PostgreSQL at {url.render_as_string()} is unreachable: {error}") from None
+    with connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def free_port() -> int:
@@ -114,7 +145,6 @@ class LoopbackCluster:
                 f"--port={self.port}",
                 "--include-dashboard=false",
                 f"--dashboard-port={free_port()}",
-                f"--ray-client-server-port={free_port()}",
             ]
         else:
             command += [f"--address={self.address}"]
