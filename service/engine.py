@@ -11,6 +11,7 @@ Ray: `RAY_ADDRESS` set means that cluster; unset means a local Ray started for t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from service.recorder import OpenTrial, Phase, Recorder, finished_trials
 
 log = logging.getLogger(__name__)
 OBJECTIVE = "objective"  # the JobSpec metric, under one name for Tune's schedulers
+TIMING_FILE = "koala-timing.json"  # per-epoch and wall seconds, saved with a trial's checkpoint for retries
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,9 @@ class JobSearcher(Searcher):
         value = float(result[OBJECTIVE])
         Recorder.report(opened, int(result["epoch"]), value)
         opened.trial.set_user_attr("epochs_done", int(result["epoch"]))
+        if result.get("node") and result["node"] != opened.node:  # where it runs now (a retry may move it)
+            opened.node = result["node"]
+            opened.trial.set_user_attr("node", opened.node)
         self.on_event(Event("epoch", opened.optimizer, opened.phase, opened.seed, int(result["epoch"]), value))
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
@@ -284,14 +289,23 @@ def run_trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config["cpu"])))
     started = time.perf_counter()
     epoch_seconds: list[float] = []
+    earlier_seconds = 0.0  # wall time of the attempts before a retry, so compute counts every attempt
     with tempfile.TemporaryDirectory(prefix="koala-trial-") as work:
+        timing = Path(work) / TIMING_FILE
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:  # a retried trial (its node died): resume from the last epoch
             with checkpoint.as_directory() as saved:
                 shutil.copytree(saved, work, dirs_exist_ok=True)
+            if timing.exists():
+                saved_timing = json.loads(timing.read_text())
+                epoch_seconds, earlier_seconds = saved_timing["epoch_seconds"], saved_timing["wall_seconds"]
+
+        def wall() -> float:
+            return earlier_seconds + time.perf_counter() - started
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
             epoch_seconds.append(metrics["epoch_seconds"])
+            timing.write_text(json.dumps({"epoch_seconds": epoch_seconds, "wall_seconds": wall()}))
             tune.report(
                 {
                     **metrics,
@@ -299,7 +313,7 @@ def run_trial(config: dict[str, Any]) -> None:
                     "epoch": epoch,
                     "device": device,
                     "node": node,
-                    "wall_seconds": time.perf_counter() - started,
+                    "wall_seconds": wall(),
                     "epoch_seconds": list(epoch_seconds),
                 },
                 checkpoint=tune.Checkpoint.from_directory(work),
@@ -324,10 +338,24 @@ def run_trial(config: dict[str, Any]) -> None:
                     OBJECTIVE: math.nan,
                     "device": device,
                     "node": node,
-                    "wall_seconds": time.perf_counter() - started,
+                    "wall_seconds": wall(),
                     "epoch_seconds": list(epoch_seconds),
                 }
             )
+
+
+def check_resources(spec: JobSpec) -> None:
+    """Fail now, naming the field, when no node of the Ray cluster can ever hold one trial (Tune would wait forever).
+
+    On an autoscaling cluster, give the autoscaler a node type with those resources (it counts once it exists)."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    if not any(r.get("CPU", 0) >= cpu and r.get("GPU", 0) >= gpu for r in nodes):
+        have = "; ".join(f"{r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU" for r in nodes) or "none"
+        raise ValueError(
+            f"resources: a trial asks for {cpu:g} CPU and {gpu:g} GPU on one node, and no node of the Ray cluster "
+            f"has that (nodes: {have})"
+        )
 
 
 @dataclass
@@ -360,8 +388,12 @@ def run_job(
     try:
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            # "local": never attach to a cluster some earlier `ray start` left recorded on this machine.
+            ray.init(
+                address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+            )
             started_ray = not address
+        check_resources(spec)
         searcher = JobSearcher(spec, recorder, stop, on_event)
         trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         tuner = tune.Tuner(

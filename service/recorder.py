@@ -61,6 +61,7 @@ class OpenTrial:
     phase: Phase
     seed: int
     hyperparams: dict[str, Any]
+    node: str | None = None  # the Ray node it last reported from
 
 
 class Recorder:

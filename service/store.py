@@ -308,8 +308,15 @@ class Store:
             return [JobRow.from_row(r) for r in db.execute(query)]
 
     def _transition(
-        self, db: Connection, job_id: str, from_states: Sequence[str], to_state: str, **values: Any
+        self,
+        db: Connection,
+        job_id: str,
+        from_states: Sequence[str],
+        to_state: str,
+        reason: str | None = None,
+        **values: Any,
     ) -> bool:
+        """Move the job to `to_state` if it is in one of `from_states`, with a `state` event; False otherwise."""
         result = db.execute(
             jobs.update()
             .where(jobs.c.id == job_id, jobs.c.state.in_(list(from_states)))
@@ -320,6 +327,8 @@ class Store:
             data = {"state": to_state}
             if values.get("error"):
                 data["error"] = values["error"]
+            if reason:
+                data["reason"] = reason
             self._event(db, job_id, "state", data)
         return changed
 
@@ -369,10 +378,7 @@ class Store:
     def requeue(self, job_id: str, reason: str) -> bool:
         """running -> queued, to resume a job whose driver died."""
         with self.engine.begin() as db:
-            changed = self._transition(db, job_id, ["running"], "queued", driver_pid=None, heartbeat_at=None)
-            if changed:
-                self._event(db, job_id, "state", {"state": "queued", "reason": reason})
-        return changed
+            return self._transition(db, job_id, ["running"], "queued", reason, driver_pid=None, heartbeat_at=None)
 
     def set_progress(self, job_id: str, progress: Mapping[str, Mapping[str, int]]) -> None:
         with self.engine.begin() as db:

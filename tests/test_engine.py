@@ -225,3 +225,14 @@ def test_koala_run_ctrl_c_leaves_no_running_trial(tmp_path: Path, cli_env: dict[
     trials = [t for ts in trials_of(storage, "ctrlc").values() for t in ts]
     assert all(t.state != TrialState.RUNNING for t in trials)
     assert any(t.user_attrs.get("reason") == "cancelled" for t in trials)
+
+
+def test_a_trial_no_node_can_hold_fails_the_job_at_once(local_ray: None, storage: optuna.storages.BaseStorage) -> None:
+    job = spec(resources={"cpu": 1, "gpu": 0.5})  # this Ray cluster has no GPU at all
+    started = time.perf_counter()
+    outcome = run_job(job, Recorder(storage, "nogpu", job))
+    assert outcome.state == "failed"
+    assert outcome.error is not None
+    assert "resources: a trial asks for 1 CPU and 0.5 GPU" in outcome.error
+    assert time.perf_counter() - started < 30
+    assert all(not trials for trials in trials_of(storage, "nogpu").values())
