@@ -1,12 +1,13 @@
 """Latency of the HTTP API under load: 50 concurrent clients for 20 s on loopback against a real `koala serve`.
 
-The load comes from `hey` (Debian/Ubuntu: `apt-get install hey`), which records every response. Three phases:
-GET /v1/jobs/{id}, GET /v1/jobs (a page of 20 out of `--jobs` stored jobs) and POST /v1/jobs (a valid spec; the
-jobs are cancelled right away, outside the timing). `--rate` is each client's requests per second (a polling client;
-0 = back to back, which measures saturation instead: in a closed loop latency is concurrency / throughput). The
-server runs without its scheduler, so the figures are the API's alone; hey shares the machine's cores with it.
+The load comes from `hey` (Debian/Ubuntu: `apt-get install hey`), one process per client, recording every
+response. Three phases: GET /v1/jobs/{id}, GET /v1/jobs (a page of 20 out of `--jobs` stored jobs) and POST
+/v1/jobs (a valid spec; the jobs are cancelled right away, outside the timing). `--rate` is each client's requests
+per second (a polling client; 0 = back to back, which measures saturation instead: in a closed loop latency is
+concurrency / throughput). The server runs without its scheduler, so the figures are the API's alone; the hey
+processes share the machine's cores with it.
 
-    python bench/service_load.py [--clients 50] [--seconds 20] [--rate 10] [--jobs 200] [--database-url URL]
+    python bench/service_load.py [--clients 50] [--seconds 20] [--rate 10] [--jobs 200] [--workers 1]
 """
 
 from __future__ import annotations
@@ -48,11 +49,24 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 def hey(url: str, args: argparse.Namespace, *extra: str) -> dict[str, float]:
-    """Run hey for `args.seconds` and summarise its per-request CSV (response-time in seconds, status-code)."""
-    rate = ["-q", str(args.rate)] if args.rate > 0 else []
-    command = ["hey", "-z", f"{args.seconds}s", "-c", str(args.clients), *rate, "-o", "csv", *extra, url]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    rows = list(csv.DictReader(io.StringIO(output)))
+    """Load `url` for `args.seconds` with hey and summarise its per-request CSV (response-time s, status-code).
+
+    Paced clients are separate hey processes (`-c 1 -q rate`) started at evenly spread offsets within one interval:
+    independent pollers, not one hey whose workers all fire on the same tick (that measures a 50-request burst)."""
+    base = ["hey", "-z", f"{args.seconds}s", "-o", "csv", *extra]
+    if args.rate <= 0:
+        commands = [[*base, "-c", str(args.clients), url]]
+    else:
+        commands = [[*base, "-c", "1", "-q", str(args.rate), url] for _ in range(args.clients)]
+    processes = []
+    for index, command in enumerate(commands):
+        if args.rate > 0:
+            time.sleep(1 / (args.rate * args.clients) if index else 0)
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+    rows = []
+    for process in processes:
+        output, _ = process.communicate()
+        rows += list(csv.DictReader(io.StringIO(output)))
     times = sorted(1000 * float(row["response-time"]) for row in rows)
     errors = sum(not row["status-code"].startswith("2") for row in rows)
     return {
@@ -88,6 +102,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10, help="requests per second per client (0: back to back)")
     parser.add_argument("--jobs", type=int, default=200, help="jobs stored before the reads")
     parser.add_argument("--database-url", help="default: SQLite in a temporary directory")
+    parser.add_argument("--workers", type=int, default=1, help="API worker processes (koala serve --workers)")
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("bench/service_load.py needs the `hey` load generator: apt-get install hey")
@@ -98,6 +113,7 @@ def main() -> None:
             "KOALA_DATA_DIR": str(data_dir),
             "KOALA_DATABASE_URL": args.database_url or f"sqlite:///{data_dir / 'koala.db'}",
             "KOALA_RUN_SCHEDULER": "false",
+            "KOALA_WORKERS": str(args.workers),
         }
         server = LiveServer(data_dir, env).start()
         try:
@@ -109,7 +125,7 @@ def main() -> None:
     pace = f"{args.rate:g} requests/s each" if args.rate > 0 else "back to back"
     print(
         f"{time.strftime('%Y-%m-%d')}, {model}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"{args.clients} clients, {pace}, {args.seconds} s per phase, "
+        f"{args.clients} clients, {pace}, {args.seconds} s per phase, {args.workers} API process(es), "
         f"{'PostgreSQL' if args.database_url else 'SQLite'}"
     )
     print("| request | requests | req/s | p50 ms | p99 ms | max ms | errors |")

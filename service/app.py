@@ -144,7 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     scheduler = settings.run_scheduler
     store = Store(settings.database_url)
-    store.migrate()
+    if settings.migrate_on_start:
+        store.migrate()
     storage = storage_for(settings.database_url)  # creates Optuna's tables on a new database
     runner = Scheduler(store, storage, settings)
 
@@ -454,16 +455,23 @@ def _ray_status() -> str:
         return f"unreachable at {address}: {error}"
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the API and the scheduler with uvicorn until interrupted (`koala serve`)."""
+def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Run the API and the scheduler with uvicorn until interrupted (`koala serve`).
+
+    With several worker processes each runs a scheduler; they coordinate through the database like API replicas."""
     import uvicorn
 
     settings = Settings(host=host, port=port)
     try:
-        app = create_app(settings)
+        app = create_app(settings)  # migrates the schema once, before any worker starts
         check_exposure(settings, app.state.store)
     except ExposureError as error:
         raise SystemExit(f"koala serve: {error}") from None
     shown = f"[{host}]" if ":" in host else host
     print(f"KOALA service on http://{shown}:{port}  (API docs: /docs, dashboard: /ui)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
+    os.environ.update({"KOALA_HOST": host, "KOALA_PORT": str(port), "KOALA_MIGRATE_ON_START": "false"})
+    app.state.store.close()
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="warning")

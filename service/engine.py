@@ -403,6 +403,7 @@ def run_job(
                 scheduler=TuningOnlyASHA(spec) if spec.scheduler == "asha" else FIFOScheduler(),  # type: ignore[no-untyped-call]
                 num_samples=spec.planned_trials(),
                 max_concurrent_trials=spec.max_concurrent_trials,
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=f"job-{recorder.job_id}",

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address `koala serve` binds")
     port: int = Field(default=8000, ge=1, le=65535)
+    migrate_on_start: bool = Field(default=True, description="Upgrade our tables when the API starts")
     run_scheduler: bool = Field(default=True, description="Start queued jobs from this API process (off: API only)")
     max_concurrent_jobs: int = Field(default=1, ge=1, description="Jobs whose drivers run at once")
     heartbeat_seconds: float = Field(default=2.0, gt=0, description="How often a driver proves it is alive")

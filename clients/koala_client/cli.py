@@ -167,14 +167,22 @@ def server_command(func: Callable[..., None]) -> Callable[..., None]:
     type=click.IntRange(1, 65535),
     help="Port to listen on",
 )
-def serve(host: str, port: int) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    envvar="KOALA_WORKERS",
+    type=click.IntRange(1, 64),
+    help="API processes (each also schedules; they coordinate through the database)",
+)
+def serve(host: str, port: int, workers: int) -> None:
     """Run the API server and the job scheduler until interrupted.
 
     Bound to anything but loopback it needs API tokens (`koala token create`), and refuses to start without.
     """
     from service.app import serve as serve_app
 
-    serve_app(host=host, port=port)
+    serve_app(host=host, port=port, workers=workers)
 
 
 @main.command()
