@@ -401,3 +401,14 @@ def test_main_path_through_the_cli_and_the_sdk(server_factory: Factory, tmp_path
     missing = koala_cli(server, "results", "nope")
     assert missing.returncode == 1
     assert "no job nope" in missing.stderr
+
+
+def test_serve_with_two_api_processes(server_factory: Factory) -> None:
+    server = server_factory(run_scheduler="false", workers=2)
+    assert server.process is not None
+    children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 2  # uvicorn's worker processes
+    with server.client() as client:
+        ids = {client.post("/v1/jobs", json=tiny_spec(name=f"job {i}")).json()["id"] for i in range(6)}
+        for _ in range(10):  # requests land on both processes; every one sees the same database
+            assert {job["id"] for job in client.get("/v1/jobs").json()["jobs"]} == ids
