@@ -569,9 +569,9 @@ def test_token_create_writes_to_the_server_database(tmp_path: Path, monkeypatch:
         store.close()
 
 
-def test_serve_passes_host_and_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[str, int]] = []
-    monkeypatch.setattr("service.app.serve", lambda host, port: calls.append((host, port)))
-    result = CliRunner().invoke(cli.main, ["serve", "--host", "0.0.0.0", "--port", "8123"])
+def test_serve_passes_host_port_and_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, int, int]] = []
+    monkeypatch.setattr("service.app.serve", lambda host, port, workers: calls.append((host, port, workers)))
+    result = CliRunner().invoke(cli.main, ["serve", "--host", "0.0.0.0", "--port", "8123", "--workers", "3"])
     assert result.exit_code == 0, result.output
-    assert calls == [("0.0.0.0", 8123)]
+    assert calls == [("0.0.0.0", 8123, 3)]

@@ -272,7 +272,7 @@ pytest_slow = pytest.mark.slow
 @pytest_slow
 def test_cancel_a_running_job(server_factory: Factory) -> None:
     server = server_factory()
-    spec = tiny_spec(epochs=30, seeds=2, optimizers=[{"name": "sgd", "params": {"lr": 0.05}}])
+    spec = tiny_spec(epochs=200, seeds=2, optimizers=[{"name": "sgd", "params": {"lr": 0.05}}])
     with server.client() as client:
         job = client.post("/v1/jobs", json=spec).json()
         deadline = time.monotonic() + 120
@@ -290,15 +290,26 @@ def test_cancel_a_running_job(server_factory: Factory) -> None:
         assert any(t["state"] == "pruned" and t["reason"] == "cancelled" for t in trials)
 
 
+def submit_and_wait_for_trials(client: httpx.Client, spec: dict[str, Any], done: int) -> dict[str, Any]:
+    """Submit `spec` and return once `done` of its trials have finished (the job still running)."""
+    job: dict[str, Any] = client.post("/v1/jobs", json=spec).json()
+    wait_for(client, job["id"], {"running"})
+    while (now := client.get(f"/v1/jobs/{job['id']}").json())["trials_done"] < done:
+        assert now["state"] == "running", now
+        time.sleep(0.2)
+    return job
+
+
+# Long enough (a few seconds per trial) that a job is still running when a test interrupts it.
+LONGER_DIGITS = {**TINY_DIGITS, "limit_train": 1024}
+
+
 @pytest_slow
 def test_api_killed_mid_job_then_restarted(server_factory: Factory) -> None:
     server = server_factory()
-    spec = tiny_spec(epochs=3, seeds=2)
+    spec = tiny_spec(epochs=15, seeds=2, workload_config=LONGER_DIGITS)
     with server.client() as client:
-        job = client.post("/v1/jobs", json=spec).json()
-        wait_for(client, job["id"], {"running"})
-        while client.get(f"/v1/jobs/{job['id']}").json()["trials_done"] < 1:
-            time.sleep(0.3)
+        job = submit_and_wait_for_trials(client, spec, done=1)
     server.kill()  # kill -9: the job's driver keeps running on its own
     time.sleep(2)
     server.start()
@@ -313,12 +324,9 @@ def test_api_killed_mid_job_then_restarted(server_factory: Factory) -> None:
 @pytest_slow
 def test_killed_driver_is_resumed(server_factory: Factory) -> None:
     server = server_factory()
-    spec = tiny_spec(epochs=3, seeds=2)
+    spec = tiny_spec(epochs=15, seeds=2, workload_config=LONGER_DIGITS)
     with server.client() as client:
-        job = client.post("/v1/jobs", json=spec).json()
-        wait_for(client, job["id"], {"running"})
-        while client.get(f"/v1/jobs/{job['id']}").json()["trials_done"] < 2:
-            time.sleep(0.3)
+        job = submit_and_wait_for_trials(client, spec, done=2)
         os.kill(driver_pid(server, job["id"]), signal.SIGKILL)
         done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"})
         assert done["state"] == "succeeded", done
@@ -334,7 +342,7 @@ def test_killed_driver_is_resumed(server_factory: Factory) -> None:
 @pytest_slow
 def test_driver_that_keeps_dying_fails_the_job_with_a_reason(server_factory: Factory) -> None:
     server = server_factory(max_driver_starts=1)
-    spec = tiny_spec(epochs=20, seeds=2, optimizers=[{"name": "sgd", "params": {"lr": 0.05}}])
+    spec = tiny_spec(epochs=200, seeds=2, optimizers=[{"name": "sgd", "params": {"lr": 0.05}}])
     with server.client() as client:
         job = client.post("/v1/jobs", json=spec).json()
         while not any(t["state"] == "running" for t in client.get(f"/v1/jobs/{job['id']}/trials").json()):
