@@ -193,7 +193,7 @@ def test_api_command_and_environment(compose: dict[str, Any], monkeypatch: pytes
     assert command[:2] == ["koala", "serve"]
     assert (BIN / "koala").exists()
     serve = koala_cli.commands["serve"]
-    assert check_click_args(serve, command[2:]) == {"host": "0.0.0.0", "port": 8000}
+    assert check_click_args(serve, command[2:]) == {"host": "0.0.0.0", "port": 8000, "workers": 1}
     assert "8000:8000" in api["ports"]
 
     environment = {key: str(value) for key, value in api["environment"].items()}
