@@ -96,3 +96,73 @@ def test_half_precision_on_cuda(factory: Any, dtype: torch.dtype) -> None:
         step(model, opt, k)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.state[next(model.parameters())]["covariance"].dtype == torch.float64
+
+
+@parametrize_opt
+def test_grad_scaler_with_float16_autocast_on_cuda(factory: Any) -> None:
+    """The AMP recipe: fp16 autocast, scaled backward, `scaler.step(opt, loss=unscaled losses)`; no syncs added."""
+    model = make_model("cuda")
+    opt = factory(model.parameters())
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    for k in range(8):
+        gen = torch.Generator().manual_seed(k)
+        x = torch.randn(64, 32, generator=gen).cuda()
+        y = torch.randint(0, 10, (64,), generator=gen).cuda()
+        with torch.autocast("cuda", dtype=torch.float16):
+            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        opt.zero_grad()
+        scaler.scale(losses.mean()).backward()
+        scaler.step(opt, loss=losses.detach().float())
+        scaler.update()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert int(opt.state[next(model.parameters())]["step"]) == 8
+    # An overflowing backward: the scaler skips the optimizer, nothing moves.
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cuda", dtype=torch.float16):
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    opt.zero_grad()
+    scaler.scale(losses.mean() * float("inf")).backward()
+    scaler.step(opt, loss=losses.detach().float())
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.slow
+@parametrize_opt
+def test_compiled_step_matches_eager_on_cuda(factory: Any) -> None:
+    trajectories = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = make_model("cuda")
+        opt = factory(model.parameters(), weight_decay=1e-3)
+
+        def run_step(losses: torch.Tensor, opt: torch.optim.Optimizer = opt) -> None:
+            opt.step(loss=losses)
+
+        stepper = torch.compile(run_step) if compiled else run_step
+        for k in range(5):
+            gen = torch.Generator().manual_seed(k)
+            x = torch.randn(64, 32, generator=gen).cuda()
+            y = torch.randint(0, 10, (64,), generator=gen).cuda()
+            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+            opt.zero_grad()
+            losses.mean().backward()
+            stepper(losses.detach())
+        trajectories.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*trajectories, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["koala-v", "koala-m"])
+def test_training_loop_on_cuda_with_resume(optimizer: str, tmp_path: Any) -> None:
+    """The training loop on the GPU with bf16 autocast: it learns, and a resumed run follows the uninterrupted one."""
+    from koala import train
+
+    full = train.run("digits-mlp", optimizer, seed=1, epochs=4, device="cuda", amp=True)
+    assert full.device.startswith("cuda")
+    accuracy = full.final("val_accuracy")
+    assert accuracy is not None
+    assert accuracy > 0.9
+    train.run("digits-mlp", optimizer, seed=1, epochs=2, device="cuda", amp=True, checkpoint_dir=tmp_path)
+    resumed = train.run("digits-mlp", optimizer, seed=1, epochs=4, device="cuda", amp=True, checkpoint_dir=tmp_path)
+    assert resumed.final("val_accuracy") == pytest.approx(accuracy, abs=0.02)
