@@ -11,6 +11,7 @@ the reference they are tested against. Sums accumulate in float64. Compiled kern
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -113,10 +114,24 @@ def _momentum_update(x, g, v, avg, lam, kappa, weight_gain, velocity_gain, avera
     return parts.sum()
 
 
+def _renamed(function: Callable[..., Any], suffix: str) -> Callable[..., Any]:
+    """The same function under another qualified name, so that it gets its own on-disk cache entry."""
+    copy = types.FunctionType(
+        function.__code__, function.__globals__, function.__name__ + suffix, function.__defaults__, function.__closure__
+    )
+    copy.__qualname__ = function.__qualname__ + suffix
+    copy.__doc__ = function.__doc__
+    return copy
+
+
 def _compile(function: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """A parallel and a serial compilation of one kernel."""
-    parallel = numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)(function)
-    serial = numba.njit(fastmath=_FASTMATH, cache=True, nogil=True)(function)
+    """A parallel and a serial compilation of one kernel.
+
+    Numba's cache keys an entry by the function's name and signature, not by `parallel`: compiled from one function,
+    whichever variant a process compiled first would be loaded for both (the serial loop for the largest tensors).
+    """
+    parallel = numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)(_renamed(function, "_parallel"))
+    serial = numba.njit(fastmath=_FASTMATH, cache=True, nogil=True)(_renamed(function, "_serial"))
     return parallel, serial
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import re
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +71,31 @@ def test_loss_decreases(factory: Factory, dtype: torch.dtype, foreach: bool) -> 
     for _ in range(5):
         run(model, opt, 8)
     assert full_loss(model, opt) < 0.7 * before
+
+
+_CACHE_PROBE = """
+import sys, numpy as np
+from koala import cpu_kernels
+kernel = getattr(cpu_kernels, "_sum_of_squares_" + sys.argv[1])
+kernel(np.ones(10, dtype=np.float32), np.float32(0))
+print(kernel.stats.cache_hits.total(), kernel.stats.cache_misses.total())
+"""
+
+
+def test_parallel_kernel_never_loads_the_serial_one_from_the_cache(tmp_path: Any) -> None:
+    """Both variants of a kernel come from one function; Numba's cache must keep them apart (it keys entries by name
+    and signature only), or the largest tensors run the serial loop in every later process."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def probe(variant: str) -> tuple[int, int]:
+        run = subprocess.run([sys.executable, "-c", _CACHE_PROBE, variant], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        hits, misses = run.stdout.split()
+        return int(hits), int(misses)
+
+    assert probe("serial") == (0, 1)  # compiled and saved
+    assert probe("parallel") == (0, 1)  # its own entry: compiled, not the serial one loaded
+    assert probe("parallel") == (1, 0)  # and cached from then on
 
 
 @parametrize_opt
