@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks in one run, for a machine with an NVIDIA GPU and torch (plus pytest, numba, scikit-learn, httpx):
-# tests/test_cuda.py, then bench/optimizer_step.py on CUDA without and with weight decay.
+# tests/test_cuda.py and tests/test_cuda_kernels.py, then bench/optimizer_step.py on CUDA without and with weight decay.
 # Usage: bench/cuda_checks.sh OUTPUT_DIR   (logs, the Markdown tables and the JSON results land there)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,8 @@ status=0
 } 2>&1 | tee "$out/machine.txt"
 
 # -W default: report, not fail on, warnings from the packages of that machine (its versions differ from our pins).
-timeout 300 "$python" -m pytest tests/test_cuda.py -v -p no:cacheprovider -W default 2>&1 | tee "$out/test_cuda.log" || status=1
+timeout 300 "$python" -m pytest tests/test_cuda.py tests/test_cuda_kernels.py -v -p no:cacheprovider -W default \
+    -k "not interpreter" 2>&1 | tee "$out/test_cuda.log" || status=1
 timeout 200 "$python" bench/optimizer_step.py --device cuda --json "$out/step_cuda.json" 2>&1 | tee "$out/step_cuda.md" || status=1
 timeout 150 "$python" bench/optimizer_step.py --device cuda --weight-decay 5e-4 --no-check \
     --json "$out/step_cuda_wd.json" 2>&1 | tee "$out/step_cuda_wd.md" || status=1

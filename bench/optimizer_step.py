@@ -2,6 +2,9 @@
 
     python bench/optimizer_step.py [--device cpu|cuda] [--repeats N] [--json PATH]
 
+KOALA's multi-tensor path runs fused kernels (Numba on the CPU, Triton on CUDA); the "torch ops" rows run the same
+path through `torch._foreach_*` alone.
+
 Parameters come from shapes alone (random weights with random `.grad`), so only `step()` is timed. All optimizers of
 a parameter set run in one process and are timed round-robin, one step each per round, so that machine noise hits
 them equally; the median over rounds is reported. A plain `dst.copy_(src)` (and an in-place `add_`) of the same total
@@ -31,10 +34,10 @@ import torch
 from torch import Tensor
 
 try:
-    from koala import KoalaM, KoalaV
+    from koala import KoalaM, KoalaV, cpu_kernels, cuda_kernels
 except ImportError:  # a checkout run without installing: the package sits next to bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from koala import KoalaM, KoalaV
+    from koala import KoalaM, KoalaV, cpu_kernels, cuda_kernels
 
 Shape = tuple[int, ...]
 Step = Callable[[], None]
@@ -298,10 +301,24 @@ def _sgd(params: list[Tensor], losses: Tensor, wd: float) -> tuple[torch.optim.O
     return opt, _torch_step(opt)
 
 
-def _koala(cls: type[KoalaV] | type[KoalaM], foreach: bool) -> Builder:
+def _koala(cls: type[KoalaV] | type[KoalaM], foreach: bool, fused_kernels: bool = True) -> Builder:
+    """`fused_kernels=False`: the multi-tensor path through `torch._foreach_*` only (KOALA_*_KERNELS=0)."""
+
     def build(params: list[Tensor], losses: Tensor, wd: float) -> tuple[torch.optim.Optimizer, Step]:
         opt = cls(params, weight_decay=wd, foreach=foreach)
-        return opt, _koala_step(opt, losses)
+        step = _koala_step(opt, losses)
+        if fused_kernels:
+            return opt, step
+
+        def torch_ops_step() -> None:
+            saved = cpu_kernels.ENABLED, cuda_kernels.ENABLED
+            cpu_kernels.ENABLED = cuda_kernels.ENABLED = False
+            try:
+                step()
+            finally:
+                cpu_kernels.ENABLED, cuda_kernels.ENABLED = saved
+
+        return opt, torch_ops_step
 
     return build
 
@@ -325,6 +342,8 @@ def cases(weight_decay: float) -> list[Case]:
         Case("SGD(momentum=0.9, fused=True)", _sgd, 5, "read x, g, buf; write x, buf"),
         Case("KoalaV(foreach=True)", _koala(KoalaV, True), norm_pass + 3, v_traffic, "V"),
         Case("KoalaM(foreach=True)", _koala(KoalaM, True), norm_pass + 7, m_traffic, "M"),
+        Case("KoalaV(foreach=True, torch ops)", _koala(KoalaV, True, False), norm_pass + 3, v_traffic, "V"),
+        Case("KoalaM(foreach=True, torch ops)", _koala(KoalaM, True, False), norm_pass + 7, m_traffic, "M"),
         Case("KoalaV(foreach=False)", _koala(KoalaV, False), norm_pass + 3, v_traffic, "V"),
         Case("KoalaM(foreach=False)", _koala(KoalaM, False), norm_pass + 7, m_traffic, "M"),
         Case("OfficialStyleKoalaV (reference loop)", _reference(OfficialStyleKoalaV), norm_pass + 3, v_traffic, "V"),
@@ -517,6 +536,8 @@ def sync_debug_check(steps: dict[str, Step], device: torch.device) -> dict[str, 
     for name in (
         "KoalaV(foreach=True)",
         "KoalaM(foreach=True)",
+        "KoalaV(foreach=True, torch ops)",
+        "KoalaM(foreach=True, torch ops)",
         "OfficialStyleKoalaV (reference loop)",
         "OfficialStyleKoalaM (reference loop)",
     ):

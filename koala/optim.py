@@ -18,12 +18,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from koala import cpu_kernels
+from koala import cpu_kernels, cuda_kernels
 from koala import functional as F
 
 Loss = Tensor
 Closure = Callable[[], Tensor]
-Path = Literal["single", "foreach", "fused"]
+Path = Literal["single", "foreach", "fused", "triton"]
 
 # Keys of the filter state stored under the first parameter.
 STEP = "step"  # accepted steps, float64 0-d
@@ -135,6 +135,10 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         if _distributed():
             dist.all_reduce(moments)  # global L and m2 so every replica takes the identical step
         path = self._path(blocks)
+        if path == "triton":
+            # Fused CUDA kernels: the filter runs on the device, its state is updated in place, nothing is read back.
+            self._triton_step(blocks, moments, state)
+            return loss
         if path == "fused":
             # Host arithmetic in NumPy for the filter's scalars: on the CPU a 0-d torch op costs ~10 us, NumPy ~1 us.
             measurement = F.measure_fused_cpu(blocks, moments.numpy())
@@ -189,7 +193,8 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         return F.Blocks(params, grads, lrs, decays)
 
     def _path(self, blocks: F.Blocks) -> Path:
-        """ "single" (the reference loop), "foreach" (torch multi-tensor kernels) or "fused" (CPU kernels)."""
+        """ "single" (the reference loop), "foreach" (torch multi-tensor kernels), "fused" (CPU kernels) or "triton"
+        (CUDA kernels)."""
         foreach = self.param_groups[0]["foreach"]
         if foreach is None:
             # Like torch: the multi-tensor path on devices with native foreach kernels. Also on the CPU, where ours
@@ -197,9 +202,15 @@ class _KalmanOptimizer(torch.optim.Optimizer):
             foreach = all(p.device.type in ("cpu", "cuda", "xpu") for p in blocks.params)
         if not foreach:
             return "single"
-        grads = [g for g in blocks.grads if g is not None]
-        filter_on_cpu = self.state[blocks.params[0]][COVARIANCE].device.type == "cpu"
-        return "fused" if filter_on_cpu and cpu_kernels.eligible([*blocks.params, *grads]) else "foreach"
+        tensors = [*blocks.params, *(g for g in blocks.grads if g is not None)]
+        filter_device = self.state[blocks.params[0]][COVARIANCE].device
+        if cuda_kernels.eligible(tensors, filter_device) and self._state_eligible(blocks, filter_device):
+            return "triton"
+        return "fused" if filter_device.type == "cpu" and cpu_kernels.eligible(tensors) else "foreach"
+
+    def _state_eligible(self, blocks: F.Blocks, device: torch.device) -> bool:
+        """Whether the per-parameter state suits the CUDA kernels (the filter's own state always does)."""
+        return True
 
     def _filter_tensor(self, value: float, like: Tensor) -> Tensor:
         return torch.tensor(value, dtype=_filter_dtype(like.device), device=like.device)
@@ -209,6 +220,13 @@ class _KalmanOptimizer(torch.optim.Optimizer):
 
     def _filter_step(self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any], path: Path) -> None:
         raise NotImplementedError
+
+    def _triton_step(self, blocks: F.Blocks, moments: Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _noise_decay(self) -> float | None:
+        """beta_R, or None for a fixed measurement noise."""
+        return None if self.measurement_noise is not None else self.noise_decay
 
     def _switch(self, *, train: bool) -> None:
         for group in self.param_groups:
@@ -330,8 +348,7 @@ class KoalaV(_KalmanOptimizer):
     def _filter_step(self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any], path: Path) -> None:
         xp = _namespace(path)
         prior = _read(state, COVARIANCE, path)
-        decay = None if self.measurement_noise is not None else self.noise_decay
-        g = F.gains(measurement, prior, _read(state, MEASUREMENT_NOISE, path), decay, xp)
+        g = F.gains(measurement, prior, _read(state, MEASUREMENT_NOISE, path), self._noise_decay(), xp)
         coefficients = prior * g.scaled_gaps
         if path == "fused":
             F.apply_vanilla_fused_cpu(blocks, coefficients, bool(g.finite))
@@ -343,6 +360,11 @@ class KoalaV(_KalmanOptimizer):
         _write(state, COVARIANCE, xp.where(g.take, next_prior, prior))
         _write(state, MEASUREMENT_NOISE, g.noise)
         _write(state, STEP, _read(state, STEP, path) + g.take)
+
+    def _triton_step(self, blocks: F.Blocks, moments: Tensor, state: dict[str, Any]) -> None:
+        lay = cuda_kernels.layout(blocks)
+        stats = cuda_kernels.block_stats(blocks, lay)
+        cuda_kernels.vanilla_step(blocks, lay, stats, moments, state, self._noise_decay(), self.process_noise)
 
     def __repr__(self) -> str:
         extra = (
@@ -486,8 +508,7 @@ class KoalaM(_KalmanOptimizer):
     def _filter_step(self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any], path: Path) -> None:
         xp = _namespace(path)
         prior = _read(state, COVARIANCE, path)
-        decay = None if self.measurement_noise is not None else self.noise_decay
-        g = F.gains(measurement, prior[0, 0], _read(state, MEASUREMENT_NOISE, path), decay, xp)
+        g = F.gains(measurement, prior[0, 0], _read(state, MEASUREMENT_NOISE, path), self._noise_decay(), xp)
         take = F.to_float(g.take, prior)
         coefficients = F.MomentumCoefficients(
             weight_gains=prior[0, 0] * g.scaled_gaps,
@@ -514,6 +535,26 @@ class KoalaM(_KalmanOptimizer):
         _write(state, PROCESS_NOISE, xp.where(g.take, next_qx, process_noise))
         _write(state, MEASUREMENT_NOISE, g.noise)
         _write(state, STEP, _read(state, STEP, path) + take)
+
+    def _state_eligible(self, blocks: F.Blocks, device: torch.device) -> bool:
+        velocities, averages = self._all_state(blocks)
+        return all(
+            t.device == device and t.dtype == p.dtype and t.is_contiguous()
+            for p, v, a in zip(blocks.params, velocities, averages, strict=True)
+            for t in (v, a)
+        )
+
+    def _triton_step(self, blocks: F.Blocks, moments: Tensor, state: dict[str, Any]) -> None:
+        velocities, averages = self._all_state(blocks)
+        lay = cuda_kernels.layout(blocks, velocities, averages)
+        stats = cuda_kernels.block_stats(blocks, lay)
+        drift_sq, scratch = cuda_kernels.momentum_update(
+            blocks, lay, stats, moments, state, self._noise_decay(), self.momentum
+        )
+        if _distributed():
+            dist.all_reduce(drift_sq)
+            drift_sq = drift_sq / dist.get_world_size()
+        cuda_kernels.momentum_predict(drift_sq, scratch, state, lay.numel, self.momentum, self.velocity_process_noise)
 
     @torch.no_grad()
     def _switch(self, *, train: bool) -> None:

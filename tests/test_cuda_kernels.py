@@ -1,0 +1,89 @@
+"""The Triton kernels of the CUDA multi-tensor path against the same path through `torch._foreach_*`.
+
+Runs on a CUDA device, and in Triton's interpreter on the CPU where Triton is installed (CPU-only torch builds do not
+ship it, so elsewhere both are skipped). The interpreter must be chosen before Triton is imported: that case runs
+this file again in a subprocess with TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from koala import KoalaM, KoalaV, cpu_kernels, cuda_kernels
+
+OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = ["cpu"] if INTERPRETED else ["cuda"]
+
+
+def trajectory(factory: Any, device: str, dtype: torch.dtype, kernels: bool, weight_decay: float) -> Any:
+    """12 steps through two groups (lr and weight decay), a block without gradient, a zero-gradient block on some
+    steps, a NaN loss and an lr change; then the posterior weights and the state."""
+    torch.manual_seed(3)
+    big = nn.Parameter(torch.randn(70, 600, dtype=dtype, device=device) * 0.01)  # 42k elements: 11 tiles
+    small = nn.Parameter(torch.randn(7, dtype=dtype, device=device))
+    frozen = nn.Parameter(torch.randn(5, dtype=dtype, device=device))
+    extra = nn.Parameter(torch.randn(3, 3, dtype=dtype, device=device))
+    groups = [{"params": [big, small, frozen]}, {"params": [extra], "lr": 0.5, "weight_decay": weight_decay}]
+    opt = factory(groups, foreach=kernels or None)
+    gen = torch.Generator().manual_seed(5)
+    data = torch.randn(32, 600, generator=gen, dtype=dtype).to(device)
+    saved = cuda_kernels.ENABLED, cpu_kernels.ENABLED
+    cuda_kernels.ENABLED, cpu_kernels.ENABLED = kernels, False
+    try:
+        for k in range(12):
+            losses = (data @ big.T).pow(2).mean(1) + (small.sum() - k) ** 2 + extra.pow(2).sum() * (k % 3 != 0)
+            if k == 5:
+                losses = losses * float("nan")
+            if k == 7:
+                opt.param_groups[0]["lr"] = 0.7
+            opt.zero_grad()
+            losses.mean().backward()
+            frozen.grad = None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the NaN step's skip warning, where it is issued
+                opt.step(loss=losses.detach())
+            assert opt._path(opt._blocks()) == ("triton" if kernels else "foreach")
+    finally:
+        cuda_kernels.ENABLED, cpu_kernels.ENABLED = saved
+    opt.eval()
+    return [p.detach().cpu() for p in (big, small, frozen, extra)], copy.deepcopy(opt.state_dict()["state"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_kernels.ENABLED, reason="needs Triton")
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a CUDA device or the interpreter")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_kernels_match_the_foreach_path(factory: Any, dtype: torch.dtype, weight_decay: float, device: str) -> None:
+    weights, state = trajectory(factory, device, dtype, True, weight_decay)
+    ref_weights, ref_state = trajectory(factory, device, dtype, False, weight_decay)
+    tol = {"rtol": 1e-10, "atol": 1e-13} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-7}
+    for a, b in zip(weights, ref_weights, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(state, ref_state, **tol)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or INTERPRETED, reason="needs Triton")
+def test_kernels_in_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "foreach_path"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "8 passed" in run.stdout
