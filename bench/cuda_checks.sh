@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks in one run, for a machine with an NVIDIA GPU and torch (plus pytest, numba, scikit-learn, httpx):
-# tests/test_cuda.py and tests/test_cuda_kernels.py, then bench/optimizer_step.py on CUDA without and with weight decay.
+# tests/test_cuda.py and tests/test_cuda_kernels.py, bench/optimizer_step.py on CUDA without and with weight decay,
+# and bench/step_profile.py's host-time profile of a CUDA step.
 # Usage: bench/cuda_checks.sh OUTPUT_DIR   (logs, the Markdown tables and the JSON results land there)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +23,5 @@ timeout 300 "$python" -m pytest tests/test_cuda.py tests/test_cuda_kernels.py -v
 timeout 200 "$python" bench/optimizer_step.py --device cuda --json "$out/step_cuda.json" 2>&1 | tee "$out/step_cuda.md" || status=1
 timeout 150 "$python" bench/optimizer_step.py --device cuda --weight-decay 5e-4 --no-check \
     --json "$out/step_cuda_wd.json" 2>&1 | tee "$out/step_cuda_wd.md" || status=1
+(cd bench && timeout 60 "$python" step_profile.py --device cuda --top 30) > "$out/profile_cuda.txt" 2>&1 || status=1
 exit $status

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from koala import functional as F
 from koala.functional import AVERAGE_DECAY, GRADIENT_THRESHOLD, Blocks, runs
 
 try:
@@ -55,11 +56,19 @@ _COLUMNS = 6
 _VELOCITY_DECAY, _TAKE, _RHO, _H, _FINITE = range(5)
 
 
-def eligible(tensors: Sequence[Tensor], filter_device: torch.device) -> bool:
-    """Whether the kernels apply: contiguous float CUDA tensors on the filter's device, outside `torch.compile`."""
+def eligible(blocks: Blocks, filter_device: torch.device, state: Sequence[Sequence[Tensor]] = ()) -> bool:
+    """Whether the kernels apply: contiguous float tensors on the filter's CUDA device, each block's gradient and
+    `state` tensors (one sequence per kind, aligned with the blocks) of its parameter's dtype; not under compile."""
     if not ENABLED or torch.compiler.is_compiling() or filter_device.type != ("cpu" if INTERPRET else "cuda"):
         return False
-    return all(t.device == filter_device and t.dtype in _DTYPES and t.is_contiguous() for t in tensors)
+    for b, x in enumerate(blocks.params):  # a plain loop: this runs every step, ~0.5 us per tensor
+        dtype = x.dtype
+        if dtype not in _DTYPES or x.device != filter_device or not x.is_contiguous():
+            return False
+        for t in (blocks.grads[b], *(kind[b] for kind in state)):
+            if t is not None and (t.dtype != dtype or t.device != filter_device or not t.is_contiguous()):
+                return False
+    return True
 
 
 def _split(value: float) -> tuple[float, float]:
@@ -125,7 +134,7 @@ def layout(blocks: Blocks, velocities: Sequence[Tensor] = (), averages: Sequence
 
 
 def _launch_runs(blocks: Blocks, lay: Layout, *, with_grad: bool | None, launch: Any) -> None:
-    """Call `launch(run, first_tile, tiles, dtype)` for each run of blocks with at least one tile."""
+    """Call `launch(run, first_tile, tiles, dtype)` for each run of blocks (`with_grad` as in `runs`) with tiles."""
     for run in runs(blocks, with_grad=with_grad):
         first, stop = lay.first_tiles[run.start], lay.first_tiles[run.stop]
         if stop > first:
@@ -156,6 +165,24 @@ if triton is not None:
         return tl.load(row + column).to(tl.pointer_type(DTYPE))
 
     @triton.jit
+    def _loss_moments_kernel(loss, moments, numel, DTYPE: tl.constexpr, BLOCK: tl.constexpr, SPAN: tl.constexpr):
+        """[sum, sum of squares, count] of the losses in float64 (`koala.functional.loss_moments`), one program.
+        SPAN >= numel (a constant bound: one compilation per power of two of the batch size, not per size)."""
+        total = tl.zeros((BLOCK,), dtype=tl.float64)
+        squares = tl.zeros((BLOCK,), dtype=tl.float64)
+        count = tl.zeros((BLOCK,), dtype=tl.float64)
+        for start in range(0, SPAN, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            mask = offsets < numel
+            value = tl.load(loss + offsets, mask=mask, other=0.0).to(tl.float64)
+            total += value
+            squares += value * value
+            count += mask.to(tl.float64)
+        tl.store(moments, tl.sum(total, axis=0))
+        tl.store(moments + 1, tl.sum(squares, axis=0))
+        tl.store(moments + 2, tl.sum(count, axis=0))
+
+    @triton.jit
     def _block_sums_kernel(
         table,
         tile_block,
@@ -184,6 +211,7 @@ if triton is not None:
             tl.store(out + 2, xx * (lam_hi * 0.5) + xx * (lam_lo * 0.5))
         else:
             tl.store(out + 1, gg)
+            tl.store(out + 2, 0.0)
 
     @triton.jit
     def _block_reduce_kernel(partials, table, stats, COLUMNS: tl.constexpr, REDUCE: tl.constexpr, SPAN: tl.constexpr):
@@ -192,6 +220,7 @@ if triton is not None:
         row = table + block * COLUMNS
         first = tl.load(row + 5)
         stop = tl.load(row + COLUMNS + 5)  # the next row's first tile (the table ends with a sentinel row)
+        has_grad = tl.load(row + 1) != 0  # tiles of blocks without gradient were never written
         acc0 = tl.zeros((REDUCE,), dtype=tl.float64)
         acc1 = tl.zeros((REDUCE,), dtype=tl.float64)
         acc2 = tl.zeros((REDUCE,), dtype=tl.float64)
@@ -201,9 +230,9 @@ if triton is not None:
             acc0 += tl.load(partials + tiles * 3, mask=mask, other=0.0)
             acc1 += tl.load(partials + tiles * 3 + 1, mask=mask, other=0.0)
             acc2 += tl.load(partials + tiles * 3 + 2, mask=mask, other=0.0)
-        tl.store(stats + block * 3, tl.sum(acc0, axis=0))
-        tl.store(stats + block * 3 + 1, tl.sum(acc1, axis=0))
-        tl.store(stats + block * 3 + 2, tl.sum(acc2, axis=0))
+        tl.store(stats + block * 3, tl.where(has_grad, tl.sum(acc0, axis=0), 0.0))
+        tl.store(stats + block * 3 + 1, tl.where(has_grad, tl.sum(acc1, axis=0), 0.0))
+        tl.store(stats + block * 3 + 2, tl.where(has_grad, tl.sum(acc2, axis=0), 0.0))
 
     @triton.jit
     def _gains(
@@ -446,10 +475,23 @@ def _decay_constants(noise_decay: float | None) -> tuple[float, float, float, fl
 # Entry points
 
 
+def loss_moments(loss: Tensor, device: torch.device) -> Tensor:
+    """[sum, sum of squares, count] of the loss as float64 on `device`, in one launch where the kernels apply."""
+    values = loss.detach().reshape(-1)
+    if values.device != device or values.dtype not in _DTYPES:
+        return F.loss_moments(loss, device, torch.float64)
+    moments = torch.empty(3, dtype=torch.float64, device=device)
+    numel = values.numel()
+    block = min(1024, max(16, int(triton.next_power_of_2(numel))))
+    span = block * int(triton.next_power_of_2(-(-numel // block)))
+    _loss_moments_kernel[(1,)](values, moments, numel, DTYPE=_DTYPES[values.dtype], BLOCK=block, SPAN=span)
+    return moments
+
+
 def block_stats(blocks: Blocks, lay: Layout) -> Tensor:
     """Per block [|g|^2, |g + lam x|^2, lam/2 |x|^2] in float64 on the device (zeros for blocks without gradient)."""
     device = blocks.params[0].device
-    partials = torch.zeros((lay.tiles, 3), dtype=torch.float64, device=device)
+    partials = torch.empty((lay.tiles, 3), dtype=torch.float64, device=device)
 
     def launch(run: Any, first: int, tiles: int, dtype: torch.dtype) -> None:
         _block_sums_kernel[(tiles,)](
@@ -543,7 +585,7 @@ def momentum_update(
         B=_block_width(len(blocks)),
         THRESHOLD=GRADIENT_THRESHOLD,
     )
-    partials = torch.zeros(lay.tiles, dtype=torch.float64, device=device)
+    partials = torch.empty(lay.tiles, dtype=torch.float64, device=device)  # every tile writes its own
 
     def launch(run: Any, first: int, tiles: int, dtype: torch.dtype) -> None:
         _momentum_update_kernel[(tiles,)](
@@ -557,7 +599,7 @@ def momentum_update(
             *_split(run.weight_decay),
             DTYPE=_DTYPES[dtype],
             ACC=_accumulator(dtype),
-            HAS_GRAD=blocks.grads[run.start] is not None,
+            HAS_GRAD=run.has_grad,
             WITH_DECAY=run.weight_decay != 0,
             COLUMNS=_COLUMNS,
             TILE=TILE,

@@ -53,6 +53,7 @@ class Blocks:
     grads: list[Tensor | None]
     lrs: list[float]
     weight_decays: list[float]
+    _runs: list[Run] | None = None  # computed once per step, by `runs`
 
     def __len__(self) -> int:
         return len(self.params)
@@ -208,6 +209,7 @@ class Run:
     stop: int
     lr: float
     weight_decay: float
+    has_grad: bool
 
     def params(self, blocks: Blocks) -> list[Tensor]:
         return blocks.params[self.start : self.stop]
@@ -222,17 +224,21 @@ def runs(blocks: Blocks, *, with_grad: bool | None) -> Iterator[Run]:
     `with_grad` True or False keeps only the runs with or without gradients; None keeps all.
     """
 
-    def key(b: int) -> tuple[object, ...]:
-        x = blocks.params[b]
-        return (x.device, x.dtype, blocks.lrs[b], blocks.weight_decays[b], blocks.grads[b] is not None)
-
-    start = 0
-    for b in range(1, len(blocks) + 1):
-        if b == len(blocks) or key(b) != key(start):
-            has_grad = blocks.grads[start] is not None
-            if with_grad is None or has_grad == with_grad:
-                yield Run(start, b, blocks.lrs[start], blocks.weight_decays[start])
-            start = b
+    if blocks._runs is None:
+        keys = [
+            (x.device, x.dtype, lr, lam, g is not None)
+            for x, g, lr, lam in zip(blocks.params, blocks.grads, blocks.lrs, blocks.weight_decays, strict=True)
+        ]
+        blocks._runs = []
+        start = 0
+        for b in range(1, len(keys) + 1):
+            if b == len(keys) or keys[b] != keys[start]:
+                _, _, lr, lam, has_grad = keys[start]
+                blocks._runs.append(Run(start, b, lr, lam, has_grad))
+                start = b
+    for run in blocks._runs:
+        if with_grad is None or run.has_grad == with_grad:
+            yield run
 
 
 # --------------------------------------------------------------------------------------------------------------------

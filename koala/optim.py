@@ -131,10 +131,13 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         if STEP not in state:
             self._init_state(blocks)
         device = state[COVARIANCE].device
-        moments = F.loss_moments(loss, device, state[COVARIANCE].dtype)
+        path = self._path(blocks)
+        if path == "triton":
+            moments = cuda_kernels.loss_moments(loss, device)
+        else:
+            moments = F.loss_moments(loss, device, state[COVARIANCE].dtype)
         if _distributed():
             dist.all_reduce(moments)  # global L and m2 so every replica takes the identical step
-        path = self._path(blocks)
         if path == "triton":
             # Fused CUDA kernels: the filter runs on the device, its state is updated in place, nothing is read back.
             self._triton_step(blocks, moments, state)
@@ -202,15 +205,18 @@ class _KalmanOptimizer(torch.optim.Optimizer):
             foreach = all(p.device.type in ("cpu", "cuda", "xpu") for p in blocks.params)
         if not foreach:
             return "single"
-        tensors = [*blocks.params, *(g for g in blocks.grads if g is not None)]
         filter_device = self.state[blocks.params[0]][COVARIANCE].device
-        if cuda_kernels.eligible(tensors, filter_device) and self._state_eligible(blocks, filter_device):
+        if cuda_kernels.ENABLED and cuda_kernels.eligible(blocks, filter_device, self._kernel_state(blocks)):
             return "triton"
-        return "fused" if filter_device.type == "cpu" and cpu_kernels.eligible(tensors) else "foreach"
+        if filter_device.type == "cpu" and cpu_kernels.eligible(
+            [*blocks.params, *(g for g in blocks.grads if g is not None)]
+        ):
+            return "fused"
+        return "foreach"
 
-    def _state_eligible(self, blocks: F.Blocks, device: torch.device) -> bool:
-        """Whether the per-parameter state suits the CUDA kernels (the filter's own state always does)."""
-        return True
+    def _kernel_state(self, blocks: F.Blocks) -> list[list[Tensor]]:
+        """Per-parameter state tensors the fused kernels read and write, one list per kind."""
+        return []
 
     def _filter_tensor(self, value: float, like: Tensor) -> Tensor:
         return torch.tensor(value, dtype=_filter_dtype(like.device), device=like.device)
@@ -536,13 +542,8 @@ class KoalaM(_KalmanOptimizer):
         _write(state, MEASUREMENT_NOISE, g.noise)
         _write(state, STEP, _read(state, STEP, path) + take)
 
-    def _state_eligible(self, blocks: F.Blocks, device: torch.device) -> bool:
-        velocities, averages = self._all_state(blocks)
-        return all(
-            t.device == device and t.dtype == p.dtype and t.is_contiguous()
-            for p, v, a in zip(blocks.params, velocities, averages, strict=True)
-            for t in (v, a)
-        )
+    def _kernel_state(self, blocks: F.Blocks) -> list[list[Tensor]]:
+        return list(self._all_state(blocks))
 
     def _triton_step(self, blocks: F.Blocks, moments: Tensor, state: dict[str, Any]) -> None:
         velocities, averages = self._all_state(blocks)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from koala import KoalaM, KoalaV, cpu_kernels, cuda_kernels
+from koala import functional as F
 
 OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -80,10 +81,23 @@ def test_kernels_match_the_foreach_path(factory: Any, dtype: torch.dtype, weight
 def test_kernels_in_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "foreach_path"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not interpreter"],
         env=env,
         capture_output=True,
         text=True,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "8 passed" in run.stdout
+    assert "14 passed" in run.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_kernels.ENABLED, reason="needs Triton")
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a CUDA device or the interpreter")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (128,), (3, 700), (5000,)])
+def test_loss_moments_kernel(shape: tuple[int, ...], device: str) -> None:
+    dtypes = [torch.float16, torch.float32, torch.float64] + ([torch.bfloat16] if device == "cuda" else [])
+    for dtype in dtypes:
+        loss = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) + 1).to(device, dtype)
+        expected = F.loss_moments(loss, torch.device(device), torch.float64)
+        torch.testing.assert_close(cuda_kernels.loss_moments(loss, torch.device(device)), expected)
