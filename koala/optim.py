@@ -87,6 +87,7 @@ class _KalmanOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 _check(p.is_floating_point(), f"Invalid parameter dtype {p.dtype}: KOALA needs floating-point tensors")
         self._stashed_weights: list[Tensor] | None = None
+        self._workspace: cuda_kernels.Workspace | None = None  # device buffers of the CUDA kernels
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in ("lr", "weight_decay"):
@@ -131,16 +132,16 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         if STEP not in state:
             self._init_state(blocks)
         device = state[COVARIANCE].device
-        path = self._path(blocks)
-        if path == "triton":
-            moments = cuda_kernels.loss_moments(loss, device)
+        path, layout = self._path(blocks)
+        if layout is not None:
+            moments = cuda_kernels.loss_moments(loss, device, layout.workspace.moments)
         else:
             moments = F.loss_moments(loss, device, state[COVARIANCE].dtype)
         if _distributed():
             dist.all_reduce(moments)  # global L and m2 so every replica takes the identical step
-        if path == "triton":
+        if layout is not None:
             # Fused CUDA kernels: the filter runs on the device, its state is updated in place, nothing is read back.
-            self._triton_step(blocks, moments, state)
+            self._triton_step(blocks, layout, moments, state)
             return loss
         if path == "fused":
             # Host arithmetic in NumPy for the filter's scalars: on the CPU a 0-d torch op costs ~10 us, NumPy ~1 us.
@@ -183,40 +184,48 @@ class _KalmanOptimizer(torch.optim.Optimizer):
     # ---- internals ------------------------------------------------------------------------------------------------
 
     def _blocks(self) -> F.Blocks:
-        params, grads, lrs, decays = [], [], [], []
+        # Runs every step: list operations per group, not per parameter, where possible.
+        params: list[Tensor] = []
+        lrs: list[float] = []
+        decays: list[float] = []
         for group in self.param_groups:
-            for p in group["params"]:
-                params.append(p)
-                grads.append(p.grad)
-                lrs.append(float(group["lr"]))
-                decays.append(float(group["weight_decay"]))
-        for g in grads:
-            if g is not None and g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            members = group["params"]
+            params += members
+            lrs += [float(group["lr"])] * len(members)
+            decays += [float(group["weight_decay"])] * len(members)
+        grads = [p.grad for p in params]
+        if any(g is not None and g.is_sparse for g in grads):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         return F.Blocks(params, grads, lrs, decays)
 
-    def _path(self, blocks: F.Blocks) -> Path:
+    def _path(self, blocks: F.Blocks) -> tuple[Path, cuda_kernels.Layout | None]:
         """ "single" (the reference loop), "foreach" (torch multi-tensor kernels), "fused" (CPU kernels) or "triton"
-        (CUDA kernels)."""
+        (CUDA kernels, with the step's layout)."""
         foreach = self.param_groups[0]["foreach"]
+        if foreach is False:
+            return "single", None
+        filter_device = self.state[blocks.params[0]][COVARIANCE].device
+        if cuda_kernels.ENABLED:
+            # Every tensor on the filter's CUDA device (checked by the plan) also settles foreach=None.
+            layout = cuda_kernels.plan(blocks, filter_device, self._workspace, *self._kernel_state(blocks))
+            if layout is not None:
+                self._workspace = layout.workspace
+                return "triton", layout
         if foreach is None:
             # Like torch: the multi-tensor path on devices with native foreach kernels. Also on the CPU, where ours
             # runs fused kernels, measured 1.6-3x faster than the loop (bench/optimizer_step.py).
             foreach = all(p.device.type in ("cpu", "cuda", "xpu") for p in blocks.params)
-        if not foreach:
-            return "single"
-        filter_device = self.state[blocks.params[0]][COVARIANCE].device
-        if cuda_kernels.ENABLED and cuda_kernels.eligible(blocks, filter_device, self._kernel_state(blocks)):
-            return "triton"
+            if not foreach:
+                return "single", None
         if filter_device.type == "cpu" and cpu_kernels.eligible(
             [*blocks.params, *(g for g in blocks.grads if g is not None)]
         ):
-            return "fused"
-        return "foreach"
+            return "fused", None
+        return "foreach", None
 
-    def _kernel_state(self, blocks: F.Blocks) -> list[list[Tensor]]:
+    def _kernel_state(self, blocks: F.Blocks) -> tuple[list[Tensor], ...]:
         """Per-parameter state tensors the fused kernels read and write, one list per kind."""
-        return []
+        return ()
 
     def _filter_tensor(self, value: float, like: Tensor) -> Tensor:
         return torch.tensor(value, dtype=_filter_dtype(like.device), device=like.device)
@@ -227,7 +236,9 @@ class _KalmanOptimizer(torch.optim.Optimizer):
     def _filter_step(self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any], path: Path) -> None:
         raise NotImplementedError
 
-    def _triton_step(self, blocks: F.Blocks, moments: Tensor, state: dict[str, Any]) -> None:
+    def _triton_step(
+        self, blocks: F.Blocks, layout: cuda_kernels.Layout, moments: Tensor, state: dict[str, Any]
+    ) -> None:
         raise NotImplementedError
 
     def _noise_decay(self) -> float | None:
@@ -367,10 +378,11 @@ class KoalaV(_KalmanOptimizer):
         _write(state, MEASUREMENT_NOISE, g.noise)
         _write(state, STEP, _read(state, STEP, path) + g.take)
 
-    def _triton_step(self, blocks: F.Blocks, moments: Tensor, state: dict[str, Any]) -> None:
-        lay = cuda_kernels.layout(blocks)
-        stats = cuda_kernels.block_stats(blocks, lay)
-        cuda_kernels.vanilla_step(blocks, lay, stats, moments, state, self._noise_decay(), self.process_noise)
+    def _triton_step(
+        self, blocks: F.Blocks, layout: cuda_kernels.Layout, moments: Tensor, state: dict[str, Any]
+    ) -> None:
+        stats = cuda_kernels.block_stats(blocks, layout)
+        cuda_kernels.vanilla_step(blocks, layout, stats, moments, state, self._noise_decay(), self.process_noise)
 
     def __repr__(self) -> str:
         extra = (
@@ -542,20 +554,21 @@ class KoalaM(_KalmanOptimizer):
         _write(state, MEASUREMENT_NOISE, g.noise)
         _write(state, STEP, _read(state, STEP, path) + take)
 
-    def _kernel_state(self, blocks: F.Blocks) -> list[list[Tensor]]:
-        return list(self._all_state(blocks))
+    def _kernel_state(self, blocks: F.Blocks) -> tuple[list[Tensor], ...]:
+        return self._all_state(blocks)
 
-    def _triton_step(self, blocks: F.Blocks, moments: Tensor, state: dict[str, Any]) -> None:
-        velocities, averages = self._all_state(blocks)
-        lay = cuda_kernels.layout(blocks, velocities, averages)
-        stats = cuda_kernels.block_stats(blocks, lay)
+    def _triton_step(
+        self, blocks: F.Blocks, layout: cuda_kernels.Layout, moments: Tensor, state: dict[str, Any]
+    ) -> None:
+        stats = cuda_kernels.block_stats(blocks, layout)
         drift_sq, scratch = cuda_kernels.momentum_update(
-            blocks, lay, stats, moments, state, self._noise_decay(), self.momentum
+            blocks, layout, stats, moments, state, self._noise_decay(), self.momentum
         )
         if _distributed():
             dist.all_reduce(drift_sq)
             drift_sq = drift_sq / dist.get_world_size()
-        cuda_kernels.momentum_predict(drift_sq, scratch, state, lay.numel, self.momentum, self.velocity_process_noise)
+        numel = layout.workspace.numel
+        cuda_kernels.momentum_predict(drift_sq, scratch, state, numel, self.momentum, self.velocity_process_noise)
 
     @torch.no_grad()
     def _switch(self, *, train: bool) -> None:

@@ -371,9 +371,10 @@ def warm_up_cpu_kernels(spec: JobSpec) -> None:
 
     for size in (16, 1 << 20):  # small tensors take the serial kernels, large ones the parallel ones
         for cls in (KoalaV, KoalaM):
-            weight = torch.nn.Parameter(torch.zeros(size))
-            weight.grad = torch.ones(size)
-            cls([weight]).step(loss=torch.ones(4))
+            for weight_decay in (0.0, 1e-4):  # the norm pass reads the weights too under weight decay
+                weight = torch.nn.Parameter(torch.zeros(size))
+                weight.grad = torch.ones(size)
+                cls([weight], weight_decay=weight_decay).step(loss=torch.ones(4))
 
 
 @dataclass

@@ -54,7 +54,7 @@ def trajectory(factory: Any, device: str, dtype: torch.dtype, kernels: bool, wei
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # the NaN step's skip warning, where it is issued
                 opt.step(loss=losses.detach())
-            assert opt._path(opt._blocks()) == ("triton" if kernels else "foreach")
+            assert opt._path(opt._blocks())[0] == ("triton" if kernels else "foreach")
     finally:
         cuda_kernels.ENABLED, cpu_kernels.ENABLED = saved
     opt.eval()
