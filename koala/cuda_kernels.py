@@ -6,11 +6,10 @@ and the update needs two launches per tensor (foreach kernels take no per-tensor
 and the sync-free skip is a `torch.where` per tensor). On an H100 that made a step cost 5x a fused Adam step while
 moving fewer bytes. These kernels do the step in a handful of launches:
 
-    loss moments   the loss's sum and sum of squares, one program
-    block sums     one pass over the gradients (and weights, with weight decay): per-tile partial sums
-    filter         one single-program kernel: the per-block sums of those partials (in a fixed order: deterministic,
-                   no atomics), the measurement noise, the gains of every block, the skip rule and the covariance
-                   update, written into the optimizer's state in place
+    block sums     one pass over the gradients (and weights, with weight decay): per-tile partial sums, then a
+                   per-block reduction in a fixed order (deterministic, no atomics)
+    filter         one single-program kernel: the measurement noise, the gains of every block, the skip rule and
+                   the covariance update, written into the optimizer's state in place
     update         one pass per run of tensors sharing dtype, lr and weight decay
     predict        (KOALA-M) one single-program kernel after the weight-drift sum
 
@@ -48,7 +47,7 @@ ENABLED = triton is not None and os.environ.get("KOALA_CUDA_KERNELS", "1") != "0
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Elements per program of the passes over parameter memory.
 TILE = 4096
-_WINDOW = 4096  # partial sums read per iteration of the filter kernels' per-block reduction
+_REDUCE = 256  # tiles summed per iteration of the per-block reduction
 # Columns of the per-block table: data pointers (0 where absent), element count, first tile.
 _X, _G, _V, _AVG, _NUMEL, _FIRST_TILE = range(6)
 _COLUMNS = 6
@@ -87,6 +86,7 @@ class Workspace:
 
         self.tile_sums = buffer(ntiles, 3)  # per tile: |g|^2, |a|^2, lam/2 |x|^2
         self.tile_drift = buffer(ntiles)
+        self.stats = buffer(nblocks, 3)
         self.coefficients = buffer(nblocks, 3)
         self.moments = buffer(3)
         self.scratch = buffer(5)
@@ -259,33 +259,29 @@ if triton is not None:
             tl.store(out + 2, 0.0)
 
     @triton.jit
-    def _block_stats(
-        tile_sums, table, blocks, COLUMNS: tl.constexpr, B: tl.constexpr, R: tl.constexpr, SPAN: tl.constexpr
-    ):
-        """Per block, the sums of its tiles' partials (in tile order): |g|^2, |g + lam x|^2, lam/2 |x|^2.
-
-        A [B, R] window walks the blocks' tile ranges together; SPAN >= the most tiles any block has."""
-        index = tl.arange(0, B)
-        valid = index < blocks
-        row = table + index * COLUMNS  # columns: x, g, v, x_avg pointers, element count, first tile
-        first = tl.load(row + 5, mask=valid, other=0)
-        stop = tl.load(row + COLUMNS + 5, mask=valid, other=0)  # the next row's first tile (a sentinel row ends it)
-        has_grad = tl.load(row + 1, mask=valid, other=0) != 0  # tiles of blocks without gradient are never written
-        gg = tl.zeros((B,), dtype=tl.float64)
-        aa = tl.zeros((B,), dtype=tl.float64)
-        l2 = tl.zeros((B,), dtype=tl.float64)
-        for start in range(0, SPAN, R):
-            tiles = first[:, None] + start + tl.arange(0, R)[None, :]
-            mask = (tiles < stop[:, None]) & has_grad[:, None]
-            gg += tl.sum(tl.load(tile_sums + tiles * 3, mask=mask, other=0.0), axis=1)
-            aa += tl.sum(tl.load(tile_sums + tiles * 3 + 1, mask=mask, other=0.0), axis=1)
-            l2 += tl.sum(tl.load(tile_sums + tiles * 3 + 2, mask=mask, other=0.0), axis=1)
-        return index, valid, gg, aa, l2
+    def _block_reduce_kernel(partials, table, stats, COLUMNS: tl.constexpr, REDUCE: tl.constexpr, SPAN: tl.constexpr):
+        """Per block: the sum of its tiles' partials, in tile order. SPAN >= the most tiles any block has."""
+        block = tl.program_id(0)
+        row = table + block * COLUMNS
+        first = tl.load(row + 5)
+        stop = tl.load(row + COLUMNS + 5)  # the next row's first tile (the table ends with a sentinel row)
+        has_grad = tl.load(row + 1) != 0  # tiles of blocks without gradient were never written
+        acc0 = tl.zeros((REDUCE,), dtype=tl.float64)
+        acc1 = tl.zeros((REDUCE,), dtype=tl.float64)
+        acc2 = tl.zeros((REDUCE,), dtype=tl.float64)
+        for start in range(0, SPAN, REDUCE):
+            tiles = first + start + tl.arange(0, REDUCE)
+            mask = tiles < stop
+            acc0 += tl.load(partials + tiles * 3, mask=mask, other=0.0)
+            acc1 += tl.load(partials + tiles * 3 + 1, mask=mask, other=0.0)
+            acc2 += tl.load(partials + tiles * 3 + 2, mask=mask, other=0.0)
+        tl.store(stats + block * 3, tl.where(has_grad, tl.sum(acc0, axis=0), 0.0))
+        tl.store(stats + block * 3 + 1, tl.where(has_grad, tl.sum(acc1, axis=0), 0.0))
+        tl.store(stats + block * 3 + 2, tl.where(has_grad, tl.sum(acc2, axis=0), 0.0))
 
     @triton.jit
     def _gains(
-        tile_sums,
-        table,
+        stats,
         moments,
         noise,
         prior_xx,
@@ -295,14 +291,15 @@ if triton is not None:
         keep_hi,
         keep_lo,
         ADAPTIVE: tl.constexpr,
-        THRESHOLD: tl.constexpr,
-        COLUMNS: tl.constexpr,
         B: tl.constexpr,
-        R: tl.constexpr,
-        SPAN: tl.constexpr,
+        THRESHOLD: tl.constexpr,
     ):
         """update_k up to the weight change (`koala.functional.gains`); writes R_k in place."""
-        index, valid, gg, aa, l2 = _block_stats(tile_sums, table, blocks, COLUMNS, B, R, SPAN)
+        index = tl.arange(0, B)
+        valid = index < blocks
+        gg = tl.load(stats + index * 3, mask=valid, other=0.0)
+        aa = tl.load(stats + index * 3 + 1, mask=valid, other=0.0)
+        l2 = tl.load(stats + index * 3 + 2, mask=valid, other=0.0)
         count = tl.load(moments + 2)
         loss = tl.load(moments) / count
         second_moment = tl.load(moments + 1) / count
@@ -328,8 +325,7 @@ if triton is not None:
 
     @triton.jit
     def _vanilla_filter_kernel(
-        tile_sums,
-        table,
+        stats,
         moments,
         covariance,
         noise,
@@ -343,30 +339,12 @@ if triton is not None:
         q_hi,
         q_lo,
         ADAPTIVE: tl.constexpr,
-        THRESHOLD: tl.constexpr,
-        COLUMNS: tl.constexpr,
         B: tl.constexpr,
-        R: tl.constexpr,
-        SPAN: tl.constexpr,
+        THRESHOLD: tl.constexpr,
     ):
         prior = tl.load(covariance)
         index, valid, _, take, _, scaled_gaps, rho, _ = _gains(
-            tile_sums,
-            table,
-            moments,
-            noise,
-            prior,
-            blocks,
-            decay_hi,
-            decay_lo,
-            keep_hi,
-            keep_lo,
-            ADAPTIVE,
-            THRESHOLD,
-            COLUMNS,
-            B,
-            R,
-            SPAN,
+            stats, moments, noise, prior, blocks, decay_hi, decay_lo, keep_hi, keep_lo, ADAPTIVE, B, THRESHOLD
         )
         tl.store(coefficients + index, prior * scaled_gaps, mask=valid)
         tl.store(covariance, tl.where(take, (rho * prior + q_hi) + q_lo, prior))
@@ -398,8 +376,7 @@ if triton is not None:
 
     @triton.jit
     def _momentum_filter_kernel(
-        tile_sums,
-        table,
+        stats,
         moments,
         covariance,
         noise,
@@ -415,31 +392,13 @@ if triton is not None:
         average_hi,
         average_lo,
         ADAPTIVE: tl.constexpr,
-        THRESHOLD: tl.constexpr,
-        COLUMNS: tl.constexpr,
         B: tl.constexpr,
-        R: tl.constexpr,
-        SPAN: tl.constexpr,
+        THRESHOLD: tl.constexpr,
     ):
         pxx = tl.load(covariance)
         pxp = tl.load(covariance + 1)
         index, valid, finite, take, updated, scaled_gaps, rho, h = _gains(
-            tile_sums,
-            table,
-            moments,
-            noise,
-            pxx,
-            blocks,
-            decay_hi,
-            decay_lo,
-            keep_hi,
-            keep_lo,
-            ADAPTIVE,
-            THRESHOLD,
-            COLUMNS,
-            B,
-            R,
-            SPAN,
+            stats, moments, noise, pxx, blocks, decay_hi, decay_lo, keep_hi, keep_lo, ADAPTIVE, B, THRESHOLD
         )
         accepted = (updated & take).to(tl.float64)
         tl.store(coefficients + index * 3, pxx * scaled_gaps, mask=valid)
@@ -548,6 +507,10 @@ def _accumulator(dtype: torch.dtype) -> Any:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _block_width(blocks: int) -> int:
+    return max(16, int(triton.next_power_of_2(blocks)))
+
+
 def _decay_constants(noise_decay: float | None) -> tuple[float, float, float, float]:
     decay = 1.0 if noise_decay is None else noise_decay
     return (*_split(decay), *_split(1 - decay))
@@ -571,10 +534,10 @@ def loss_moments(loss: Tensor, device: torch.device, out: Tensor | None = None) 
     return moments
 
 
-def block_sums(blocks: Blocks, lay: Layout) -> None:
-    """The measurement pass: per tile of every block with a gradient, |g|^2, |g + lam x|^2 and lam/2 |x|^2 (the
-    filter kernels reduce them per block)."""
-    partials = lay.workspace.tile_sums
+def block_stats(blocks: Blocks, lay: Layout) -> Tensor:
+    """Per block [|g|^2, |g + lam x|^2, lam/2 |x|^2] in float64 on the device (zeros for blocks without gradient)."""
+    ws = lay.workspace
+    partials = ws.tile_sums
 
     def launch(run: Any, first: int, tiles: int, dtype: torch.dtype) -> None:
         _block_sums_kernel[(tiles,)](
@@ -591,19 +554,17 @@ def block_sums(blocks: Blocks, lay: Layout) -> None:
         )
 
     _launch_runs(blocks, lay, with_grad=True, launch=launch)
-
-
-def _reduction(lay: Layout) -> dict[str, int]:
-    """The constants of the filter kernels' per-block reduction window: B blocks by R tiles, SPAN tiles in all."""
-    ws = lay.workspace
-    width = max(16, int(triton.next_power_of_2(len(ws.numels))))
-    tiles = max(1, min(_WINDOW // width, int(triton.next_power_of_2(ws.most_tiles))))
-    return {"COLUMNS": _COLUMNS, "B": width, "R": tiles, "SPAN": -(-ws.most_tiles // tiles) * tiles}
+    stats = ws.stats
+    reduce = min(_REDUCE, int(triton.next_power_of_2(ws.most_tiles)))
+    span = -(-ws.most_tiles // reduce) * reduce
+    _block_reduce_kernel[(len(blocks),)](partials, lay.table, stats, COLUMNS=_COLUMNS, REDUCE=reduce, SPAN=span)
+    return stats
 
 
 def vanilla_step(
     blocks: Blocks,
     lay: Layout,
+    stats: Tensor,
     moments: Tensor,
     state: dict[str, Tensor],
     noise_decay: float | None,
@@ -612,8 +573,7 @@ def vanilla_step(
     """KOALA-V's filter and update; `state` holds the 0-d float64 tensors covariance, noise and step (in place)."""
     coefficients = lay.workspace.coefficients.view(-1)[: len(blocks)]
     _vanilla_filter_kernel[(1,)](
-        lay.workspace.tile_sums,
-        lay.table,
+        stats,
         moments,
         state["covariance"],
         state["measurement_noise"],
@@ -623,8 +583,8 @@ def vanilla_step(
         *_decay_constants(noise_decay),
         *_split(process_noise),
         ADAPTIVE=noise_decay is not None,
+        B=_block_width(len(blocks)),
         THRESHOLD=GRADIENT_THRESHOLD,
-        **_reduction(lay),
     )
 
     def launch(run: Any, first: int, tiles: int, dtype: torch.dtype) -> None:
@@ -646,6 +606,7 @@ def vanilla_step(
 def momentum_update(
     blocks: Blocks,
     lay: Layout,
+    stats: Tensor,
     moments: Tensor,
     state: dict[str, Tensor],
     noise_decay: float | None,
@@ -654,8 +615,7 @@ def momentum_update(
     """KOALA-M's update_k over every block; returns the squared weight drift (0-d) and the scratch for `predict`."""
     coefficients, scratch = lay.workspace.coefficients, lay.workspace.scratch
     _momentum_filter_kernel[(1,)](
-        lay.workspace.tile_sums,
-        lay.table,
+        stats,
         moments,
         state["covariance"],
         state["measurement_noise"],
@@ -666,8 +626,8 @@ def momentum_update(
         *_split(momentum),
         *_split(1 - AVERAGE_DECAY),
         ADAPTIVE=noise_decay is not None,
+        B=_block_width(len(blocks)),
         THRESHOLD=GRADIENT_THRESHOLD,
-        **_reduction(lay),
     )
     partials = lay.workspace.tile_drift  # every tile writes its own
 
@@ -714,7 +674,7 @@ def momentum_predict(
 __all__ = [
     "Layout",
     "Workspace",
-    "block_sums",
+    "block_stats",
     "loss_moments",
     "momentum_predict",
     "momentum_update",

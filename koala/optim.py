@@ -381,8 +381,8 @@ class KoalaV(_KalmanOptimizer):
     def _triton_step(
         self, blocks: F.Blocks, layout: cuda_kernels.Layout, moments: Tensor, state: dict[str, Any]
     ) -> None:
-        cuda_kernels.block_sums(blocks, layout)
-        cuda_kernels.vanilla_step(blocks, layout, moments, state, self._noise_decay(), self.process_noise)
+        stats = cuda_kernels.block_stats(blocks, layout)
+        cuda_kernels.vanilla_step(blocks, layout, stats, moments, state, self._noise_decay(), self.process_noise)
 
     def __repr__(self) -> str:
         extra = (
@@ -560,9 +560,9 @@ class KoalaM(_KalmanOptimizer):
     def _triton_step(
         self, blocks: F.Blocks, layout: cuda_kernels.Layout, moments: Tensor, state: dict[str, Any]
     ) -> None:
-        cuda_kernels.block_sums(blocks, layout)
+        stats = cuda_kernels.block_stats(blocks, layout)
         drift_sq, scratch = cuda_kernels.momentum_update(
-            blocks, layout, moments, state, self._noise_decay(), self.momentum
+            blocks, layout, stats, moments, state, self._noise_decay(), self.momentum
         )
         if _distributed():
             dist.all_reduce(drift_sq)
