@@ -12,7 +12,9 @@ On accelerators everything here is sync-free: the skip rule is a mask, per-block
 0-d tensors and the learning rate enters as a Python scalar. Each variant has a readable single-tensor path (a loop
 over tensors, the reference) and a multi-tensor path: `torch._foreach_*` over runs of tensors that share device,
 dtype, lr and weight decay, or, for float32/float64 CPU tensors, the fused kernels of `koala.cpu_kernels` (one pass
-over memory per step where eager ops need several; on the CPU reading a scalar is free, there is no device).
+over memory per step where eager ops need several; on the CPU reading a scalar is free, there is no device). On CUDA
+the multi-tensor path runs `koala.cuda_kernels` (Triton), which implements this same math in a few launches and is
+tested against the `torch._foreach_*` path here.
 """
 
 from __future__ import annotations
