@@ -385,7 +385,8 @@ def _trials(storage: optuna.storages.BaseStorage, job_id: str) -> Iterator[schem
         study = optuna.load_study(study_name=name, storage=storage)
         optimizer = str(study.user_attrs.get("optimizer", name.split("/", 1)[-1]))
         for trial in study.get_trials(deepcopy=False):
-            yield _trial(optimizer, trial)
+            if "phase" in trial.user_attrs:  # a trial without one was never started (see Recorder.close_orphans)
+                yield _trial(optimizer, trial)
 
 
 def _trial(optimizer: str, trial: FrozenTrial) -> schemas.Trial:

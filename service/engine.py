@@ -79,6 +79,7 @@ class JobSearcher(Searcher):
         self.on_event = on_event or (lambda event: None)
         self.ready: deque[_Planned] = deque()
         self.tuning_left: dict[str, int] = {}
+        recorder.close_orphans()
         for entry in spec.optimizers:
             self._plan(entry)
         self.running: dict[str, OpenTrial] = {}

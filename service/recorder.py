@@ -128,10 +128,12 @@ class Recorder:
         attrs = {
             "optimizer": entry.name,
             "seed": seed,
-            "phase": phase,
             "hyperparams": hyperparams,
             "epochs_done": 0,
             **(extra_attrs or {}),
+            # Last: each attribute is its own write, and a trial counts as planned only once it has a phase (a driver
+            # killed before that leaves an orphan, which `close_orphans` closes).
+            "phase": phase,
         }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
@@ -179,6 +181,18 @@ class Recorder:
         else:
             trial.set_user_attr("reason", reason or "no finite metric")
             open_trial.study.tell(trial, state=TrialState.FAIL)
+
+    def close_orphans(self) -> int:
+        """Close the RUNNING trials a dead driver left before giving them a phase (asked, never started); they are
+        no planned trial, so a resumed job plans their slots afresh. Returns how many."""
+        closed = 0
+        for study in self._studies.values():
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if "phase" not in trial.user_attrs:
+                    self.storage.set_trial_user_attr(trial._trial_id, "reason", "interrupted before it started")
+                    self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                    closed += 1
+        return closed
 
     def close_dangling(self, reason: str, state: TrialState = TrialState.FAIL) -> int:
         """Close every trial still RUNNING in this job's studies (after a crash or a stop); returns how many."""

@@ -61,7 +61,8 @@ def _optimizer_report(
     finals = [float(t.value) for t in completed]  # type: ignore[arg-type]
     counts: dict[str, int] = {}
     for t in trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        if "phase" in t.user_attrs:  # a trial without one was never started (see Recorder.close_orphans)
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
     if attrs["mode"] == "tuned":
         hyperparams = completed[0].user_attrs["hyperparams"] if completed else _best_tuned_params(trials, maximise)
     else:

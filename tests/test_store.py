@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 
 from service import store as store_module
+from service.engine import JobSearcher
 from service.jobspec import JobSpec
 from service.recorder import Recorder, close_running, job_study_names, storage_for, study_name
 from service.report import build_report
@@ -363,6 +364,27 @@ def test_close_running_and_adopt(storage: optuna.storages.RDBStorage) -> None:
     (adam,) = successor.study("adam").get_trials()
     assert (adam.state, adam.user_attrs["reason"]) == (TrialState.FAIL, "its driver died")
     assert successor.close_dangling("again") == 0
+
+
+def test_trial_asked_but_never_attributed_is_closed_and_its_slot_planned_again(
+    storage: optuna.storages.RDBStorage,
+) -> None:
+    """A driver killed between asking Optuna for a trial and writing its attributes (one write each) leaves a RUNNING
+    trial that belongs to no planned slot: the next driver closes it and plans the slot afresh."""
+    recorder = Recorder(storage, "j4", SPEC)
+    done = recorder.open(entry("koala-m"), "eval", 0, {})
+    Recorder.close(done, TrialState.COMPLETE, value=1.0)
+    orphan = recorder.study("koala-m").ask()
+    orphan.set_user_attr("optimizer", "koala-m")  # killed here: no seed, hyperparams or phase yet
+
+    successor = Recorder(storage, "j4", SPEC)
+    searcher = JobSearcher(SPEC, successor, threading.Event())
+    (closed,) = [t for t in successor.study("koala-m").get_trials() if t.number == orphan.number]
+    assert (closed.state, closed.user_attrs["reason"]) == (TrialState.FAIL, "interrupted before it started")
+    planned = [(p.entry.name, p.phase, p.seed, p.adopt) for p in searcher.ready if p.entry.name == "koala-m"]
+    assert planned == [("koala-m", "eval", 1, None)]  # seed 0 is done; seed 1 is planned, nothing adopted
+    report = build_report(storage, "j4")
+    assert next(r for r in report.optimizers if r.optimizer == "koala-m").trials == {"COMPLETE": 1}
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
