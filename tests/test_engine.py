@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -203,6 +205,17 @@ def test_koala_run_prints_and_writes_the_report(tmp_path: Path, cli_env: dict[st
     assert len(job_study_names(storage, "cli")) == 2
 
 
+def optuna_schema_ready(database: Path) -> bool:
+    """Whether Optuna finished creating its tables in `database` (its version row is written last)."""
+    if not database.exists():
+        return False
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        try:
+            return bool(db.execute("SELECT count(*) FROM alembic_version").fetchone()[0])
+        except sqlite3.OperationalError:  # not created yet
+            return False
+
+
 def test_koala_run_ctrl_c_leaves_no_running_trial(tmp_path: Path, cli_env: dict[str, str]) -> None:
     spec_file = tmp_path / "job.yaml"
     job = {"workload": "digits-mlp", "epochs": 50, "seeds": 4, "optimizers": [{"name": "koala-v"}, {"name": "sgd"}]}
@@ -213,7 +226,7 @@ def test_koala_run_ctrl_c_leaves_no_running_trial(tmp_path: Path, cli_env: dict[
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until a trial is running and has reported an epoch
         time.sleep(1)
-        if database.exists():
+        if optuna_schema_ready(database):  # opening storage earlier would race the run's own schema creation
             storage = storage or storage_for(f"sqlite:///{database}")
             running = [t for ts in trials_of(storage, "ctrlc").values() for t in ts if t.state == TrialState.RUNNING]
             if any(t.intermediate_values for t in running):
