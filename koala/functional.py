@@ -146,7 +146,7 @@ def measure_multi_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.d
 
 
 def measure_fused_cpu(blocks: Blocks, moments: np.ndarray) -> Measurement:
-    """Fused CPU path: one kernel pass per tensor gives all three statistics; NumPy arrays out."""
+    """Fused CPU path: one kernel call per run gives every block's three statistics; NumPy arrays out."""
     nblocks = len(blocks)
     sums = np.zeros((nblocks, 3))  # |g|^2, |a|^2, |x|^2 per block
     for run in runs(blocks, with_grad=True):
@@ -336,12 +336,11 @@ def apply_vanilla_single_tensor(blocks: Blocks, coefficients: Tensor, finite: Te
 
 
 def apply_vanilla_fused_cpu(blocks: Blocks, coefficients: np.ndarray, finite: bool) -> None:
-    """KOALA-V, fused CPU path: one in-place `add_` per tensor with a host scalar (reading it is free here)."""
+    """KOALA-V, fused CPU path: x_b <- x_b - lr * coefficient_b * g_b, one kernel call per run."""
     if not finite:
-        return  # skipped step
+        return  # skipped step (reading a host flag is free)
     for run in runs(blocks, with_grad=True):
-        for x, g, c in zip(run.params(blocks), run.grads(blocks), coefficients[run.start : run.stop], strict=True):
-            x.add_(g, alpha=-run.lr * float(c))
+        cpu_kernels.vanilla_update(run.params(blocks), run.grads(blocks), run.lr * coefficients[run.start : run.stop])
 
 
 def apply_vanilla_multi_tensor(blocks: Blocks, coefficients: Tensor, finite: Tensor) -> None:
@@ -424,14 +423,11 @@ def apply_momentum_multi_tensor(
 def apply_momentum_fused_cpu(
     blocks: Blocks, velocities: list[Tensor], averages: list[Tensor], c: MomentumCoefficients
 ) -> float:
-    """KOALA-M, fused CPU path: one kernel pass per tensor (`koala.cpu_kernels`), NumPy coefficients."""
+    """KOALA-M, fused CPU path: one kernel call per run (`koala.cpu_kernels`), NumPy coefficients."""
     if not c.take:
         return 0.0  # skipped step: nothing moves (reading a host flag is free)
     drift = 0.0
-    weight_gains, velocity_gains = c.weight_gains.tolist(), c.velocity_gains.tolist()
-    average_weights, kappa = c.average_weights.tolist(), float(c.velocity_decay)
     for run in runs(blocks, with_grad=None):
-        lr = run.lr
         window = slice(run.start, run.stop)
         drift += cpu_kernels.momentum_update(
             run.params(blocks),
@@ -439,10 +435,10 @@ def apply_momentum_fused_cpu(
             velocities[window],
             averages[window],
             run.weight_decay,
-            kappa,
-            [lr * k for k in weight_gains[window]],
-            [lr * k for k in velocity_gains[window]],
-            average_weights[window],
+            float(c.velocity_decay),
+            run.lr * c.weight_gains[window],
+            run.lr * c.velocity_gains[window],
+            c.average_weights[window],
             shift=1.0,
         )
     return drift

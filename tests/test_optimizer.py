@@ -74,10 +74,13 @@ def test_loss_decreases(factory: Factory, dtype: torch.dtype, foreach: bool) -> 
 
 
 _CACHE_PROBE = """
-import sys, numpy as np
+import sys, numpy as np, torch
 from koala import cpu_kernels
-kernel = getattr(cpu_kernels, "_sum_of_squares_" + sys.argv[1])
-kernel(np.ones(10, dtype=np.float32), np.float32(0))
+kernel = getattr(cpu_kernels, "_vanilla_update_" + sys.argv[1])
+x, g = torch.zeros(10), torch.ones(10)
+addresses = [np.array([t.data_ptr()], dtype=np.int64) for t in (x, g)]
+kernel(*addresses, np.array([10], dtype=np.int64), np.ones(1, dtype=np.float32), np.float32(0))
+assert x.eq(-1).all()
 print(kernel.stats.cache_hits.total(), kernel.stats.cache_misses.total())
 """
 
@@ -107,12 +110,13 @@ def test_foreach_matches_for_loop(factory: Factory, dtype: torch.dtype, monkeypa
     for foreach, fused in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(cpu_kernels, "ENABLED", fused)
         torch.manual_seed(3)
-        big = nn.Parameter(torch.randn(700, 600, dtype=dtype) * 0.01)  # 420k elements: the parallel CPU kernel
+        # 419,899 elements: the parallel CPU kernels, over 26 chunks, the last one ending in a partial lane group.
+        big = nn.Parameter(torch.randn(701, 599, dtype=dtype) * 0.01)
         small = nn.Parameter(torch.randn(7, dtype=dtype))
         extra = nn.Parameter(torch.randn(3, 3, dtype=dtype))
         opt = factory([{"params": [big, small]}, {"params": [extra], "lr": 0.5, "weight_decay": 1e-3}], foreach=foreach)
         gen = torch.Generator().manual_seed(5)
-        data = torch.randn(32, 600, generator=gen, dtype=dtype)
+        data = torch.randn(32, 599, generator=gen, dtype=dtype)
         for k in range(12):
             losses = (data @ big.T).pow(2).mean(1) + (small.sum() - k) ** 2 + extra.pow(2).sum() * (k % 3 != 0)
             opt.zero_grad()
@@ -264,6 +268,25 @@ def test_load_state_dict_keeps_filter_in_float64(factory: Factory) -> None:
     torch.testing.assert_close(state["covariance"], opt.state[next(model.parameters())]["covariance"], rtol=0, atol=0)
     if factory is KoalaM:
         assert state["velocity"].dtype == torch.bfloat16
+
+
+def test_load_state_dict_of_another_model_rejected_before_loading() -> None:
+    """A KOALA-M checkpoint whose per-parameter state has other shapes (same tensor count) is refused with the
+    offending entry named, and the optimizer keeps its own state: the fused kernels never see mismatched sizes."""
+    model = make_model()
+    opt = KoalaM(model.parameters())
+    run(model, opt, 2)
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))  # same 4 tensors, other shapes
+    other_opt = KoalaM(other.parameters())
+    run(other, other_opt, 1)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(
+        ValueError, match=r"state\[0\]\['velocity'\] has shape \(4, 5\), but parameter 0 has shape \(8, 5\)"
+    ):
+        opt.load_state_dict(other_opt.state_dict())
+    torch.testing.assert_close(opt.state_dict(), before, rtol=0, atol=0)
+    run(model, opt, 1)  # still steps
 
 
 @parametrize_opt
