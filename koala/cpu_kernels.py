@@ -82,9 +82,7 @@ def _work_items(sizes):
 @numba.njit(cache=True, nogil=True, inline="always")
 def _chunk(addresses, sizes, t, start, zero):
     """Elements [start, start + _CHUNK) of tensor t (fewer at its end)."""
-    whole = numba.carray(  # type: ignore[attr-defined]
-        _pointer(addresses[t], zero), sizes[t]
-    )
+    whole = numba.carray(_pointer(addresses[t], zero), sizes[t])  # type: ignore[attr-defined]
     return whole[start : min(sizes[t], start + _CHUNK)]
 
 
