@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from koala import optimizers, train, workloads
+from koala import cpu_kernels, optimizers, train, workloads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,7 @@ def run_trial(trial: Trial) -> Outcome:
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # one trial per core: tiny models scale badly across threads
+    cpu_kernels.warm_up()  # KOALA's kernels load once per worker, outside every trial's time
 
 
 def plan(names: Sequence[str], seeds: int) -> list[Trial]:

@@ -249,6 +249,10 @@ _sums_of_squares_parallel, _sums_of_squares_serial = _compile(_sums_of_squares)
 _block_sums_parallel, _block_sums_serial = _compile(_block_sums)
 _vanilla_update_parallel, _vanilla_update_serial = _compile(_vanilla_update)
 _momentum_update_parallel, _momentum_update_serial = _compile(_momentum_update)
+_KERNELS = {
+    True: (_sums_of_squares_parallel, _block_sums_parallel, _vanilla_update_parallel, _momentum_update_parallel),
+    False: (_sums_of_squares_serial, _block_sums_serial, _vanilla_update_serial, _momentum_update_serial),
+}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -273,6 +277,28 @@ class _Table:
     @staticmethod
     def addresses(tensors: Sequence[Tensor]) -> np.ndarray:
         return np.fromiter((t.data_ptr() for t in tensors), np.int64, len(tensors))
+
+
+def warm_up(dtype: torch.dtype = torch.float32) -> None:
+    """Load every kernel for `dtype` tensors now, serial and parallel: from Numba's on-disk cache (about a second per
+    process, most of it Numba's own start-up) or by compiling it (several seconds, once per machine). Otherwise the
+    first step pays it. Idempotent and cheap once done; nothing with KOALA_CPU_KERNELS=0."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: the CPU kernels take {' or '.join(map(str, _DTYPES))}, got {dtype}")
+    if not ENABLED:
+        return
+    scalar = np.float32 if dtype == torch.float32 else np.float64
+    zero = scalar(0)
+    tensors = [torch.zeros(_LANES + 1, dtype=dtype) for _ in range(4)]  # one lane group and a tail
+    x, g, v, avg = (_Table.addresses([t]) for t in tensors)
+    sizes = np.array([_LANES + 1], dtype=np.int64)
+    none = np.zeros(1, dtype=scalar)  # zero gains and weights: nothing moves
+    for parallel in (True, False):
+        sums, blocks, vanilla, momentum = _KERNELS[parallel]
+        sums(g, sizes, zero)
+        blocks(g, x, sizes, zero, zero)
+        vanilla(x, g, sizes, none, zero)
+        momentum(x, g, v, avg, sizes, zero, zero, none, none, none, none, zero, zero)
 
 
 def _threads() -> None:

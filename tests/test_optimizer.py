@@ -101,6 +101,41 @@ def test_parallel_kernel_never_loads_the_serial_one_from_the_cache(tmp_path: Any
     assert probe("parallel") == (1, 0)  # and cached from then on
 
 
+_WARM_UP_PROBE = """
+import sys, torch
+from koala import KoalaM, KoalaV, cpu_kernels
+dtype = getattr(torch, sys.argv[1])
+cpu_kernels.warm_up(dtype)
+kernels = [k for group in cpu_kernels._KERNELS.values() for k in group]
+loaded = [len(k.signatures) for k in kernels]
+for cls in (KoalaV, KoalaM):
+    for weight_decay in (0.0, 1e-3):
+        for size in (7, 1 << 17):  # serial and parallel kernels
+            weight = torch.nn.Parameter(torch.randn(size, dtype=dtype))
+            weight.grad = torch.randn(size, dtype=dtype)
+            cls([weight], weight_decay=weight_decay).step(loss=torch.ones(4))
+print(loaded, [len(k.signatures) for k in kernels])
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_warm_up_loads_every_kernel_a_step_uses(dtype: str) -> None:
+    """After `cpu_kernels.warm_up`, no KOALA step (either variant, with and without weight decay, serial and parallel
+    sizes) loads or compiles another kernel: the service calls it so that a trial's clock never counts that."""
+    run = subprocess.run([sys.executable, "-c", _WARM_UP_PROBE, dtype], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    loaded, after = run.stdout.split("] [")
+    assert loaded == "[" + ", ".join(["1"] * 8)
+    assert after == ", ".join(["1"] * 8) + "]\n"
+
+
+def test_warm_up_rejects_other_dtypes() -> None:
+    with pytest.raises(
+        ValueError, match=r"dtype: the CPU kernels take torch.float32 or torch.float64, got torch.bfloat16"
+    ):
+        cpu_kernels.warm_up(torch.bfloat16)
+
+
 @parametrize_opt
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_foreach_matches_for_loop(factory: Factory, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
