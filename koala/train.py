@@ -106,6 +106,7 @@ def run(
         raise ValueError(f"epochs: must be >= 1, got {epochs}")
     if isinstance(workload, str):
         workload = workloads.get(workload, **(workload_config or {}))
+    workload.prepare()  # data loading is not training time; a missing dataset fails here
     hyperparams = dict(hyperparams or {})
     device = torch.device(device) if device is not None else default_device()
 

@@ -282,15 +282,18 @@ def run_trial(config: dict[str, Any]) -> None:
     """The Ray Tune trainable: one `koala.train.run`, reporting every epoch with a checkpoint for retries."""
     import torch
 
-    from koala import cpu_kernels, train
+    from koala import cpu_kernels, train, workloads
 
     node = ray.get_runtime_context().get_node_id()  # which cluster node ran (the last attempt of) the trial
     wants_gpu = float(config["gpu"]) > 0
     device = "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, int(config["cpu"])))
+    # The clock (the trial's compute in the report) starts after what is not training: reading the data, and on the
+    # CPU loading KOALA's fused kernels (about a second in a new process, most of it Numba's start-up). Either would
+    # dominate a small trial, and weigh on whichever optimizer's trials a fresh worker process runs first.
+    workload = workloads.get(config["workload"], **config["workload_config"])
+    workload.prepare()
     if device == "cpu" and str(config["optimizer"]).startswith("koala"):
-        # Loading the fused kernels costs a new process about a second, most of it Numba's start-up: not training
-        # compute, and it would dominate a small trial's (a 10-epoch digits trial trains in about 0.5 s).
         cpu_kernels.warm_up()
     started = time.perf_counter()
     epoch_seconds: list[float] = []
@@ -325,12 +328,11 @@ def run_trial(config: dict[str, Any]) -> None:
             )
 
         result = train.run(
-            config["workload"],
+            workload,
             config["optimizer"],
             config["hyperparams"],
             seed=int(config["seed"]),
             epochs=int(config["epochs"]),
-            workload_config=config["workload_config"],
             report=report,
             checkpoint_dir=work,
             device=device,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from koala import optimizers, train
+from koala import optimizers, train, workloads
 from koala.workloads import workload_class
 
 TINY = workload_class("digits-mlp").Config.tiny()
@@ -110,6 +110,28 @@ def test_evaluation_goes_through_the_train_eval_hook(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(optimizers._REGISTRY, "tracked-sgd", spec)
     train.run("digits-mlp", "tracked-sgd", epochs=2, workload_config=TINY)
     assert calls == ["train", "eval", "train"] * 2
+
+
+def test_data_is_prepared_before_the_first_epoch_is_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop loads the workload's data before its clock starts: reading a dataset is not training time."""
+    events: list[str] = []
+    workload = workloads.get("digits-mlp", **TINY)
+    prepare, batches = workload.prepare, workload.train_batches
+
+    def spy_prepare() -> None:
+        events.append("prepare")
+        prepare()
+
+    def spy_batches(epoch: int, generator: torch.Generator) -> Any:
+        events.append(f"epoch {epoch}")
+        return batches(epoch, generator)
+
+    monkeypatch.setattr(workload, "prepare", spy_prepare)
+    monkeypatch.setattr(workload, "train_batches", spy_batches)
+    monkeypatch.setattr(train.time, "perf_counter", lambda: events.append("clock") or 0.0)
+    train.run(workload, "sgd", {"lr": 0.1}, epochs=1)
+    assert events[:3] == ["prepare", "clock", "epoch 0"]
+    assert "_data" in vars(workload)  # the digits arrays were loaded by prepare()
 
 
 def test_koala_m_metrics_are_taken_at_posterior_weights(monkeypatch: pytest.MonkeyPatch) -> None:

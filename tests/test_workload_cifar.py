@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import koala.workloads
+from koala import train
 from koala.workloads.cifar import CIFAR10, CIFAR100, CifarConfig, CifarDataset, CifarResNet18
 
 PER_FILE = 20  # CIFAR-10 images per data_batch file
@@ -208,6 +209,19 @@ def test_missing_file_is_named(cifar10_dir: Path) -> None:
     for data_dir in (cifar10_dir, cifar10_dir / "cifar-10-batches-py"):
         with pytest.raises(FileNotFoundError, match=r"missing in .*cifar-10-batches-py'?: data_batch_4\. "):
             tiny("cifar10-resnet18", data_dir).evaluate(nn.Linear(1, 1))
+
+
+def test_prepare_reads_both_splits_before_training(cifar10_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's `prepare()` reads the training and the test split; a missing test file fails there, before any
+    training epoch (not after the first one, at evaluation)."""
+    workload = tiny("cifar10-resnet18", cifar10_dir)
+    workload.prepare()
+    assert set(workload._splits) == {"train", "test"}
+    (cifar10_dir / "cifar-10-batches-py" / "test_batch").unlink()
+    fresh = tiny("cifar10-resnet18", cifar10_dir)
+    monkeypatch.setattr(fresh, "train_batches", lambda *_: pytest.fail("an epoch started before the data was read"))
+    with pytest.raises(FileNotFoundError, match=r"test_batch"):
+        train.run(fresh, "sgd", {"lr": 0.1}, epochs=1)
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,12 @@ class Workload(abc.ABC):
     def __init__(self, config: WorkloadConfig) -> None:
         self.config = config
 
+    def prepare(self) -> None:
+        """Load (or generate) the data now. The loop calls it before the first epoch, so that reading a dataset is
+        not timed as training and a missing one fails before any training starts. Workloads that draw their data
+        on the fly keep this default, which does nothing."""
+        return
+
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
         """A freshly initialised model (uses the global torch RNG, which the loop seeds)."""

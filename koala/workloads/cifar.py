@@ -268,6 +268,10 @@ class CifarResNet18(Workload):
         # Ship the config, not the loaded images, when the workload is pickled to another process.
         return {**self.__dict__, "_splits": {}}
 
+    def prepare(self) -> None:
+        self.split("train")
+        self.split("test")
+
     def build_model(self) -> nn.Module:
         return ResNet18(self.dataset.num_classes, self.config.width)
 

@@ -42,6 +42,9 @@ class _Digits(Workload):
     Config = DigitsConfig
     config: DigitsConfig
 
+    def prepare(self) -> None:
+        self._data  # noqa: B018 (the cached property loads the data)
+
     @cached_property
     def _data(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from sklearn.datasets import load_digits

@@ -183,6 +183,9 @@ class LanguageModelWorkload(Workload):
         """
         return self._corpus.train, self._corpus.valid
 
+    def prepare(self) -> None:
+        self._corpus  # noqa: B018 (the cached property loads and checks the corpus)
+
     @cached_property
     def _corpus(self) -> _Corpus:
         corpus = self._load()
