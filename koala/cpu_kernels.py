@@ -234,7 +234,7 @@ def _renamed(function: Callable[..., Any], suffix: str) -> Callable[..., Any]:
     return copy
 
 
-def _compile(function: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _compile(function: Callable[..., Any]) -> tuple[Any, Any]:
     """A parallel and a serial compilation of one kernel.
 
     Numba's cache keys an entry by the function's name and signature, not by `parallel`: compiled from one function,
@@ -272,7 +272,7 @@ class _Table:
         self.scalar = np.float32 if self.dtype == torch.float32 else np.float64
         self.zero = self.scalar(0)
         self.sizes = np.fromiter((t.numel() for t in params), np.int64, len(params))
-        self.parallel = int(self.sizes.sum()) >= PARALLEL_NUMEL
+        self.parallel = int(self.sizes.sum()) >= PARALLEL_NUMEL and _parallel_threads()
 
     @staticmethod
     def addresses(tensors: Sequence[Tensor]) -> np.ndarray:
@@ -288,28 +288,34 @@ def warm_up(dtype: torch.dtype = torch.float32) -> None:
     if not ENABLED:
         return
     scalar = np.float32 if dtype == torch.float32 else np.float64
-    zero = scalar(0)
-    tensors = [torch.zeros(_LANES + 1, dtype=dtype) for _ in range(4)]  # one lane group and a tail
-    x, g, v, avg = (_Table.addresses([t]) for t in tensors)
-    sizes = np.array([_LANES + 1], dtype=np.int64)
-    none = np.zeros(1, dtype=scalar)  # zero gains and weights: nothing moves
-    for parallel in (True, False):
-        sums, blocks, vanilla, momentum = _KERNELS[parallel]
-        sums(g, sizes, zero)
-        blocks(g, x, sizes, zero, zero)
-        vanilla(x, g, sizes, none, zero)
-        momentum(x, g, v, avg, sizes, zero, zero, none, none, none, none, zero, zero)
+    address, sizes = numba.typeof(np.zeros(1, np.int64)), numba.typeof(np.zeros(1, np.int64))
+    value, coefficients = numba.typeof(scalar(0)), numba.typeof(np.zeros(1, scalar))
+    signatures = (
+        (address, sizes, value),  # sums of squares: g, sizes, zero
+        (address, address, sizes, value, value),  # block sums: g, x, sizes, lam, zero
+        (address, address, sizes, coefficients, value),  # vanilla update: x, g, sizes, scales, zero
+        (address,) * 4 + (sizes, value, value) + (coefficients,) * 4 + (value, value),  # momentum update
+    )
+    for kernels in _KERNELS.values():
+        for kernel, signature in zip(kernels, signatures, strict=True):
+            kernel.compile(signature)
 
 
-def _threads() -> None:
-    # Follow torch's intra-op thread count (Ray trials and DDP workers limit it) within Numba's pool size.
-    pool = int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), pool)))
+def _parallel_threads() -> bool:
+    """Whether the parallel kernels should run: only with more than one intra-op thread, which they then follow
+    (Ray trials and DDP workers limit torch's count) within Numba's pool size.
+
+    With one thread the serial kernels run and Numba's thread count is left alone: setting it at every step made two
+    single-thread processes sharing two cores (one-CPU Ray trials) train a small model 3-7x slower."""
+    threads = min(torch.get_num_threads(), int(getattr(numba.config, "NUMBA_NUM_THREADS", 1)))
+    if threads < 2:
+        return False
+    numba.set_num_threads(threads)
+    return True
 
 
 def block_sums(grads: Sequence[Tensor], params: Sequence[Tensor], weight_decay: float) -> np.ndarray:
     """Per block [|g|^2, |g + lam x|^2, |x|^2] as float64, shape (blocks, 3); the weights are read only if lam != 0."""
-    _threads()
     table = _Table(params)
     g_addr = table.addresses(grads)
     if weight_decay == 0:
@@ -324,7 +330,6 @@ def block_sums(grads: Sequence[Tensor], params: Sequence[Tensor], weight_decay: 
 
 def vanilla_update(params: Sequence[Tensor], grads: Sequence[Tensor], scales: np.ndarray) -> None:
     """x_b -= scales[b] * g_b for every block (the KOALA-V step)."""
-    _threads()
     table = _Table(params)
     kernel = _vanilla_update_parallel if table.parallel else _vanilla_update_serial
     x_addr, g_addr = table.addresses(params), table.addresses(grads)
@@ -344,7 +349,6 @@ def momentum_update(
     shift: float,
 ) -> float:
     """Apply the fused KOALA-M block update to every block; returns sum_b |x_b - x_avg_b|^2."""
-    _threads()
     table = _Table(params)
     kernel = _momentum_update_parallel if table.parallel else _momentum_update_serial
     # A block without gradient has zero gains, so its direction only has to be finite: the weights serve.

@@ -129,6 +129,33 @@ def test_warm_up_loads_every_kernel_a_step_uses(dtype: str) -> None:
     assert after == ", ".join(["1"] * 8) + "]\n"
 
 
+_THREADS_PROBE = """
+import sys, numba, torch
+from koala import KoalaM, KoalaV
+calls = []
+numba.set_num_threads = calls.append
+torch.set_num_threads(int(sys.argv[1]))
+for cls in (KoalaV, KoalaM):
+    weight = torch.nn.Parameter(torch.randn(1 << 17))  # large enough for the parallel kernels
+    weight.grad = torch.randn(1 << 17)
+    cls([weight], weight_decay=1e-3).step(loss=torch.ones(4))
+print(sorted(set(calls)))
+"""
+
+
+def test_single_thread_steps_leave_numbas_thread_count_alone() -> None:
+    """With one intra-op thread (a one-CPU Ray trial) the serial kernels run and Numba's thread count is not set:
+    setting it at every step made two such processes sharing two cores train a small model 3-7x slower. With more
+    threads the parallel kernels follow torch's count."""
+    run = subprocess.run([sys.executable, "-c", _THREADS_PROBE, "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    if cpu_kernels.numba.config.NUMBA_NUM_THREADS > 1:
+        run = subprocess.run([sys.executable, "-c", _THREADS_PROBE, "2"], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "[2]"
+
+
 def test_warm_up_rejects_other_dtypes() -> None:
     with pytest.raises(
         ValueError, match=r"dtype: the CPU kernels take torch.float32 or torch.float64, got torch.bfloat16"
