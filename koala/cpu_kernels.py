@@ -287,6 +287,7 @@ def warm_up(dtype: torch.dtype = torch.float32) -> None:
         raise ValueError(f"dtype: the CPU kernels take {' or '.join(map(str, _DTYPES))}, got {dtype}")
     if not ENABLED:
         return
+    _start_pool()  # compiling a parallel kernel would start it, without the care `_start_pool` takes
     scalar = np.float32 if dtype == torch.float32 else np.float64
     address, sizes = numba.typeof(np.zeros(1, np.int64)), numba.typeof(np.zeros(1, np.int64))
     value, coefficients = numba.typeof(scalar(0)), numba.typeof(np.zeros(1, scalar))
@@ -301,6 +302,24 @@ def warm_up(dtype: torch.dtype = torch.float32) -> None:
             kernel.compile(signature)
 
 
+_pool_started = False
+
+
+def _start_pool() -> None:
+    """Start Numba's thread pool once, keeping torch's intra-op thread count.
+
+    Numba and torch share one OpenMP runtime, and starting Numba's pool sets the calling thread's OpenMP thread count
+    to the pool's size, which torch then follows: a one-CPU Ray trial trained on two threads, spinning against the
+    trial next to it (the first KOALA trials of a job ran 5-15x slower)."""
+    global _pool_started
+    if _pool_started:
+        return
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # starts the pool
+    torch.set_num_threads(threads)
+    _pool_started = True
+
+
 def _parallel_threads() -> bool:
     """Whether the parallel kernels should run: only with more than one intra-op thread, which they then follow
     (Ray trials and DDP workers limit torch's count) within Numba's pool size.
@@ -310,6 +329,7 @@ def _parallel_threads() -> bool:
     threads = min(torch.get_num_threads(), int(getattr(numba.config, "NUMBA_NUM_THREADS", 1)))
     if threads < 2:
         return False
+    _start_pool()
     numba.set_num_threads(threads)
     return True
 

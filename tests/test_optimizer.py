@@ -131,29 +131,32 @@ def test_warm_up_loads_every_kernel_a_step_uses(dtype: str) -> None:
 
 _THREADS_PROBE = """
 import sys, numba, torch
-from koala import KoalaM, KoalaV
+from koala import KoalaM, KoalaV, cpu_kernels
 calls = []
 numba.set_num_threads = calls.append
 torch.set_num_threads(int(sys.argv[1]))
+torch.get_num_threads()  # torch's thread state initialised, as in any process that has trained
+cpu_kernels.warm_up()
 for cls in (KoalaV, KoalaM):
     weight = torch.nn.Parameter(torch.randn(1 << 17))  # large enough for the parallel kernels
     weight.grad = torch.randn(1 << 17)
     cls([weight], weight_decay=1e-3).step(loss=torch.ones(4))
-print(sorted(set(calls)))
+print(sorted(set(calls)), torch.get_num_threads())
 """
 
 
-def test_single_thread_steps_leave_numbas_thread_count_alone() -> None:
-    """With one intra-op thread (a one-CPU Ray trial) the serial kernels run and Numba's thread count is not set:
-    setting it at every step made two such processes sharing two cores train a small model 3-7x slower. With more
-    threads the parallel kernels follow torch's count."""
+def test_kernels_keep_torchs_thread_count() -> None:
+    """torch's intra-op thread count survives `warm_up` and steps (Numba's OpenMP pool, started by either, shares
+    the runtime and would raise it to the pool size). With one thread (a one-CPU Ray trial) the serial kernels run
+    and Numba's thread count is not set either. Both made two one-CPU trials sharing two cores train 3-15x slower.
+    With more threads the parallel kernels follow torch's count."""
     run = subprocess.run([sys.executable, "-c", _THREADS_PROBE, "1"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[]"
+    assert run.stdout.strip() == "[] 1"
     if cpu_kernels.numba.config.NUMBA_NUM_THREADS > 1:
         run = subprocess.run([sys.executable, "-c", _THREADS_PROBE, "2"], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
-        assert run.stdout.strip() == "[2]"
+        assert run.stdout.strip() == "[2] 2"
 
 
 def test_warm_up_rejects_other_dtypes() -> None:
