@@ -281,6 +281,7 @@ class StopFlag(tune.Stopper):
 def run_trial(config: dict[str, Any]) -> None:
     """The Ray Tune trainable: one `koala.train.run`, reporting every epoch with a checkpoint for retries."""
     import torch
+    import torch._dynamo  # imported here, before the clock (see below)
 
     from koala import cpu_kernels, train, workloads
 
@@ -288,9 +289,10 @@ def run_trial(config: dict[str, Any]) -> None:
     wants_gpu = float(config["gpu"]) > 0
     device = "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, int(config["cpu"])))
-    # The clock (the trial's compute in the report) starts after what is not training: reading the data, and on the
-    # CPU loading KOALA's fused kernels (about a second in a new process, most of it Numba's start-up). Either would
-    # dominate a small trial, and weigh on whichever optimizer's trials a fresh worker process runs first.
+    # The clock (the trial's compute in the report) starts after what is not training, paid once per worker process:
+    # torch's compiler stack, which torch imports at the first optimizer construction (1-2 s, hence the import
+    # above), reading the data, and on the CPU loading KOALA's fused kernels (about a second, most of it Numba's
+    # start-up). Each would dominate a small trial and weigh on whichever optimizer a fresh worker runs first.
     workload = workloads.get(config["workload"], **config["workload_config"])
     workload.prepare()
     if device == "cpu" and str(config["optimizer"]).startswith("koala"):
