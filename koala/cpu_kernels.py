@@ -42,7 +42,7 @@ def eligible(tensors: Sequence[Tensor]) -> bool:
     """Whether the fused kernels apply: contiguous float32/float64 CPU tensors, outside `torch.compile`."""
     if not ENABLED or torch.compiler.is_compiling():
         return False
-    return all(t.device.type == "cpu" and t.dtype in _DTYPES and t.is_contiguous() for t in tensors)
+    return all(t.is_cpu and t.dtype in _DTYPES and t.is_contiguous() for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -92,6 +92,13 @@ def loss_moments(loss: Tensor, device: torch.device, dtype: torch.dtype) -> Tens
     return torch.stack((total, values.square().sum(), torch.full_like(total, values.numel())))
 
 
+def loss_moments_host(loss: Tensor) -> Tensor:
+    """`loss_moments` in float64 on the CPU through NumPy, for the fused CPU path (a few torch ops on 0-d tensors
+    cost more than the NumPy sums). The result shares its memory with a NumPy array (`.numpy()` is free)."""
+    values = loss.detach().reshape(-1).to("cpu", torch.float64).numpy()
+    return torch.from_numpy(np.array([values.sum(), values @ values, values.size], dtype=np.float64))
+
+
 def measure_single_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.device) -> Measurement:
     """Reference path: one norm per tensor."""
     dtype = moments.dtype

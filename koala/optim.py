@@ -135,6 +135,8 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         path, layout = self._path(blocks)
         if layout is not None:
             moments = cuda_kernels.loss_moments(loss, device, layout.workspace.moments)
+        elif path == "fused":
+            moments = F.loss_moments_host(loss)
         else:
             moments = F.loss_moments(loss, device, state[COVARIANCE].dtype)
         if _distributed():
