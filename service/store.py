@@ -47,6 +47,7 @@ jobs = sa.Table(
     sa.Column("driver_pid", sa.Integer, nullable=True),
     sa.Column("driver_host", sa.String(255), nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("generation", sa.Integer, nullable=False, default=0),  # taken by each driver start (fencing)
     sa.Index("ix_koala_jobs_created", "created_at", "id"),
 )
 
@@ -77,6 +78,17 @@ api_tokens = sa.Table(
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("admin", sa.Boolean, nullable=False, default=False),  # sees ownerless (open-mode) jobs
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+sessions = sa.Table(
+    "koala_sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),  # SHA-256 of the random session id in the cookie
+    sa.Column("token_id", sa.String(32), nullable=False, index=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 ACTIVE_STATES = ("running", "cancelling")
@@ -149,6 +161,7 @@ class JobRow:
     driver_pid: int | None
     driver_host: str | None
     attempts: int
+    generation: int
 
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> JobRow:
