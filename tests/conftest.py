@@ -32,6 +32,7 @@ class LiveServer:
     env: dict[str, str]
     host: str = "127.0.0.1"
     port: int = 0
+    cwd: Path | None = None  # the server's working directory (default: the test's)
     process: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
 
@@ -54,6 +55,7 @@ class LiveServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                cwd=self.cwd,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
