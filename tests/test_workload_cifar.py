@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
+import os
 import pickle
+import struct
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +19,7 @@ from torch import Tensor, nn
 
 import koala.workloads
 from koala import train
-from koala.workloads.cifar import CIFAR10, CIFAR100, CifarConfig, CifarDataset, CifarResNet18
+from koala.workloads.cifar import CIFAR10, CIFAR100, CifarConfig, CifarDataset, CifarResNet18, read_batch
 
 PER_FILE = 20  # CIFAR-10 images per data_batch file
 N_TEST = 30
@@ -175,11 +180,28 @@ def test_data_dir_may_be_the_folder_or_its_parent(cifar10_dir: Path) -> None:
     assert torch.equal(by_parent[1], by_folder[1])
 
 
-def test_data_dir_falls_back_to_environment(cifar10_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KOALA_DATA_DIR", str(cifar10_dir))
+def test_data_dir_falls_back_to_datasets_under_koala_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_cifar10(tmp_path / "datasets")
+    monkeypatch.setenv("KOALA_DATA_DIR", str(tmp_path))
     workload = koala.workloads.get("cifar10-resnet18", **CifarConfig.tiny())
     assert isinstance(workload, CifarResNet18)
+    assert workload.data_folder() == tmp_path / "datasets" / "cifar-10-batches-py"
     assert len(workload.split("test")[0]) == N_TEST
+
+
+@pytest.mark.parametrize("layout", ["parent", "datasets"])
+def test_koala_data_dir_is_searched_in_datasets_dataset_folder_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """Neither $KOALA_DATA_DIR/cifar-10-batches-py (the old layout) nor files directly in datasets/ is read."""
+    folder = write_cifar10(tmp_path)
+    if layout == "datasets":
+        folder.rename(tmp_path / "datasets")
+    monkeypatch.setenv("KOALA_DATA_DIR", str(tmp_path))
+    expected = tmp_path / "datasets" / "cifar-10-batches-py"
+    with pytest.raises(FileNotFoundError, match=r"\$KOALA_DATA_DIR/datasets/cifar-10-batches-py") as error:
+        koala.workloads.get("cifar10-resnet18", **CifarConfig.tiny()).prepare()
+    assert f"missing in {str(expected)!r}: data_batch_1, " in str(error.value)
 
 
 def test_no_data_dir_names_files_and_source(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,7 +209,7 @@ def test_no_data_dir_names_files_and_source(monkeypatch: pytest.MonkeyPatch) -> 
     workload = koala.workloads.get("cifar100-resnet18")
     with pytest.raises(FileNotFoundError, match="KOALA_DATA_DIR") as error:
         workload.evaluate(nn.Linear(1, 1))
-    assert "cifar-100-python" in str(error.value)
+    assert "$KOALA_DATA_DIR/datasets/cifar-100-python" in str(error.value)
     assert CIFAR_URL in str(error.value)
 
 
@@ -244,6 +266,141 @@ def test_corrupt_file_is_named(cifar10_dir: Path, content: Any, problem: str) ->
     with pytest.raises(ValueError, match=problem) as error:
         tiny("cifar10-resnet18", cifar10_dir).evaluate(nn.Linear(1, 1))
     assert str(path) in str(error.value)
+
+
+def python2_pickle(images: np.ndarray, labels: list[int], label_key: bytes) -> bytes:
+    """The bytes Python 2's cPickle writes (protocol 2) for a CIFAR batch, as in the distributed files: str keys as
+    SHORT_BINSTRING, the array through numpy.core.multiarray._reconstruct, its pixels as one BINSTRING."""
+
+    def string(value: bytes) -> bytes:
+        return b"U" + bytes([len(value)]) + value if len(value) < 256 else b"T" + struct.pack("<i", len(value)) + value
+
+    def integer(value: int) -> bytes:
+        return b"K" + bytes([value]) if value < 256 else b"M" + struct.pack("<H", value)
+
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string(b"b") + b"\x87R"  # empty array
+        b"(K\x01" + integer(len(images)) + integer(3072) + b"\x86"  # state: version 1, shape,
+        b"cnumpy\ndtype\n" + string(b"u1") + b"K\x00K\x01\x87R(K\x03" + string(b"|") + b"NNNJ\xff\xff\xff\xff"
+        b"J\xff\xff\xff\xffK\x00tb"  # dtype uint8,
+        b"\x89" + string(images.tobytes()) + b"tb"  # Fortran order False, the pixels; BUILD
+    )
+    label_list = b"](" + b"".join(integer(label) for label in labels) + b"e"
+    batch = string(b"batch_label") + string(b"training batch 1 of 5")
+    return b"\x80\x02}q\x01(" + batch + string(b"data") + array + string(label_key) + label_list + b"u."
+
+
+def test_python2_format_of_the_distributed_files(tmp_path: Path) -> None:
+    images = make_images(0, 5, seed=3)
+    labels = [9, 0, 3, 255, 7]
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(python2_pickle(images, labels, b"fine_labels"))
+    read_images, read_labels = read_batch(path, b"fine_labels", num_classes=256)
+    assert read_images.dtype == np.uint8
+    assert np.array_equal(read_images, images)
+    assert read_labels.tolist() == labels
+
+
+@pytest.mark.parametrize(
+    ("protocol", "refused"),
+    [
+        # Before protocol 3, Python 3 pickles bytes through _codecs.encode; in protocol 5 NumPy pickles arrays through
+        # its _frombuffer. Neither is in a distributed CIFAR file, so both are refused like any other global.
+        (0, r"_codecs\.encode"),
+        (1, r"_codecs\.encode"),
+        (2, r"_codecs\.encode"),
+        (3, None),
+        (4, None),
+        (5, r"numpy\._?core\.numeric\._frombuffer"),
+    ],
+)
+def test_files_pickled_by_python3_numpy(tmp_path: Path, protocol: int, refused: str | None) -> None:
+    path = tmp_path / "test_batch"
+    images = make_images(0, 4, seed=1)
+    path.write_bytes(pickle.dumps({b"data": images, b"labels": [1, 2, 3, 4]}, protocol=protocol))
+    if refused is not None:
+        with pytest.raises(ValueError, match=f"refused global {refused}: "):
+            read_batch(path, b"labels", 10)
+        return
+    read_images, labels = read_batch(path, b"labels", 10)
+    assert np.array_equal(read_images, images)
+    assert labels.tolist() == [1, 2, 3, 4]
+
+
+class Exploit:
+    """Unpickles as `function(*args)`: what a crafted file would run if it were unpickled unrestricted."""
+
+    def __init__(self, function: Callable[..., Any], *args: Any) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self.function, self.args
+
+
+def exploits(marker: Path) -> dict[str, Any]:
+    """Pickle payloads that would each create `marker`."""
+    return {
+        "os.system": Exploit(os.system, f"touch {marker}"),
+        "eval": Exploit(builtins.eval, f"open({str(marker)!r}, 'w').close()"),
+        "exec": Exploit(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
+        "subprocess.Popen": Exploit(subprocess.Popen, ["touch", str(marker)]),
+        "Path.touch": Exploit(Path.touch, marker),
+        "numpy.save": Exploit(np.save, str(marker), np.zeros(1)),
+        "nested in data": {b"data": Exploit(os.system, f"touch {marker}"), b"labels": [0]},
+        "a dict key": {Exploit(os.system, f"touch {marker}"): 1},
+    }
+
+
+EXPLOITS = list(exploits(Path("marker")))
+REFUSED = {
+    "os.system": f"{os.system.__module__}.system",
+    "eval": "builtins.eval",
+    "exec": "builtins.exec",
+    "subprocess.Popen": "subprocess.Popen",
+    "Path.touch": "pathlib.Path.touch",
+    "numpy.save": "numpy.save",
+    "nested in data": f"{os.system.__module__}.system",
+    "a dict key": f"{os.system.__module__}.system",
+}
+
+
+def write_exploit(cifar10_dir: Path, kind: str, protocol: int = pickle.DEFAULT_PROTOCOL) -> tuple[Path, Path]:
+    """Replace data_batch_1 with exploit `kind`; returns the file and the marker the exploit would create."""
+    marker = cifar10_dir / "pwned"
+    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(pickle.dumps(exploits(marker)[kind], protocol=protocol))
+    return path, marker
+
+
+@pytest.mark.parametrize("kind", EXPLOITS)
+def test_crafted_pickle_is_refused_by_prepare_without_running_it(cifar10_dir: Path, kind: str) -> None:
+    path, marker = write_exploit(cifar10_dir, kind)
+    workload = koala.workloads.get("cifar10-resnet18", data_dir=str(cifar10_dir), **CifarConfig.tiny())
+    with pytest.raises(ValueError, match=r"refused global ") as error:
+        workload.prepare()
+    assert str(error.value).startswith(f"{path}: refused global {REFUSED[kind]}: ")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["os.system", "eval", "subprocess.Popen"])
+def test_crafted_pickle_fails_a_training_run_without_running_it(
+    cifar10_dir: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    _, marker = write_exploit(cifar10_dir, kind)
+    (cifar10_dir / "datasets").mkdir()
+    (cifar10_dir / "cifar-10-batches-py").rename(cifar10_dir / "datasets" / "cifar-10-batches-py")
+    monkeypatch.setenv("KOALA_DATA_DIR", str(cifar10_dir))  # the service's layout: no data_dir in the config
+    with pytest.raises(ValueError, match=f"refused global {REFUSED[kind]}"):
+        train.run("cifar10-resnet18", "sgd", {"lr": 0.1}, epochs=1, workload_config=CifarConfig.tiny())
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_crafted_pickle_is_refused_in_every_protocol(cifar10_dir: Path, protocol: int) -> None:
+    path, marker = write_exploit(cifar10_dir, "os.system", protocol)
+    with pytest.raises(ValueError, match=f"^{path}: refused global {REFUSED['os.system']}"):
+        read_batch(path, b"labels", 10)
+    assert not marker.exists()
 
 
 # ---- config ------------------------------------------------------------------------------------------------------

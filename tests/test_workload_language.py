@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sysconfig
 from pathlib import Path
 
@@ -91,7 +92,15 @@ def test_char_lm_sgd_reduces_the_training_loss() -> None:
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
-    [({"seq_len": 0}, "seq_len"), ({"dropout": 1.0}, "dropout"), ({"limit_chars": -1}, "limit_chars")],
+    [
+        ({"seq_len": 0}, "seq_len"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"limit_chars": -1}, "limit_chars"),
+        ({"layers": 0}, "layers"),
+        ({"hidden": 4097}, "hidden"),
+        ({"batch_size": 1024, "seq_len": 256}, "batch_size"),
+    ],
 )
 def test_char_lm_config_errors_name_the_field(overrides: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}:"):
@@ -185,10 +194,21 @@ def test_wikitext_reads_both_directory_layouts(tmp_path: Path, layout: str) -> N
     assert len(wikitext(tmp_path).splits()[0]) == len(words(TRAIN_LINES))
 
 
-def test_wikitext_falls_back_to_koala_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_wikitext(tmp_path / "wikitext-2")
+def test_wikitext_falls_back_to_datasets_under_koala_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_wikitext(tmp_path / "datasets" / "wikitext-2")
     monkeypatch.setenv("KOALA_DATA_DIR", str(tmp_path))
     assert len(wikitext("").splits()[0]) == len(words(TRAIN_LINES))
+
+
+@pytest.mark.parametrize("folder", ["", "wikitext-2", "datasets"])
+def test_wikitext_koala_data_dir_is_searched_in_datasets_wikitext_2_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: str
+) -> None:
+    write_wikitext(tmp_path / folder)
+    monkeypatch.setenv("KOALA_DATA_DIR", str(tmp_path))
+    expected = f"{tmp_path / 'datasets' / 'wikitext-2'} ($KOALA_DATA_DIR/datasets/wikitext-2), but they are not all"
+    with pytest.raises(FileNotFoundError, match=re.escape(expected)):
+        wikitext("").prepare()
 
 
 def test_wikitext_missing_files_name_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,7 +216,7 @@ def test_wikitext_missing_files_name_the_files(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(FileNotFoundError, match=r"wiki\.train\.tokens, wiki\.valid\.tokens, wiki\.test\.tokens"):
         wikitext(tmp_path).build_model()
     monkeypatch.delenv("KOALA_DATA_DIR", raising=False)
-    with pytest.raises(FileNotFoundError, match=r"KOALA_DATA_DIR.*WikiText-2"):
+    with pytest.raises(FileNotFoundError, match=r"\$KOALA_DATA_DIR/datasets/wikitext-2.*WikiText-2"):
         wikitext("").splits()
 
 

@@ -2,8 +2,10 @@
 
 The data is read from the python-pickle files exactly as distributed at https://www.cs.toronto.edu/~kriz/cifar.html
 (the "python version" tarballs): `cifar-10-batches-py/{data_batch_1..5,test_batch}` and
-`cifar-100-python/{train,test}`. `data_dir` (or $KOALA_DATA_DIR) may name that folder or its parent. The files are
-unpickled, which can run code: only point `data_dir` at files from that source.
+`cifar-100-python/{train,test}`, under `$KOALA_DATA_DIR/datasets/`, or in the folder `data_dir` names (that folder
+itself or its parent). The files are read with a restricted unpickler (`CifarUnpickler`) that builds only what those
+files contain (dicts, lists, bytes, strings, integers and NumPy arrays) and refuses every other global, so a
+tampered file raises ValueError instead of running code.
 
 Training follows the paper's setup: batches of 128 drawn without replacement (the last partial batch is dropped), a
 random crop from 4-pixel zero padding and a random horizontal flip, then per-channel normalisation. The test split is
@@ -16,14 +18,23 @@ import dataclasses
 import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from koala.workloads.base import Batch, Mode, Workload, WorkloadConfig, data_directory, model_device
+from koala.workloads.base import (
+    PATH_FIELD,
+    Batch,
+    Mode,
+    Range,
+    Workload,
+    WorkloadConfig,
+    dataset_folders,
+    model_device,
+)
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 IMAGE_SHAPE = (3, 32, 32)
@@ -52,7 +63,7 @@ class CifarDataset:
     def source(self) -> str:
         return (
             f"They come from the {self.title} python version tarball ({self.tarball}) at {CIFAR_URL}; "
-            f"extract it into the data directory."
+            f"extract it into $KOALA_DATA_DIR/datasets (or into the folder data_dir names)."
         )
 
 
@@ -85,30 +96,23 @@ class CifarConfig(WorkloadConfig):
     """Settings of the CIFAR workloads.
 
     Attributes:
-        data_dir: the extracted dataset folder or its parent; empty means $KOALA_DATA_DIR.
+        data_dir: the extracted dataset folder or its parent; empty means $KOALA_DATA_DIR/datasets/<dataset folder>.
         augment: random crop (4-pixel zero padding) and horizontal flip of training images.
         width: channels of the first stage (64 is ResNet-18; later stages have 2x, 4x, 8x).
         limit_train: use only the first this many training images (0: all).
         limit_val: use only the first this many test images (0: all).
     """
 
-    data_dir: str = ""
+    data_dir: str = dataclasses.field(default="", metadata={PATH_FIELD: True})
+    batch_size: Annotated[int, Range(1, 8192)] = 128
     augment: bool = True
-    width: int = 64
-    limit_train: int = 0
-    limit_val: int = 0
+    width: Annotated[int, Range(1, 256)] = 64
+    limit_train: Annotated[int, Range(0, 1_000_000)] = 0
+    limit_val: Annotated[int, Range(0, 1_000_000)] = 0
 
     @classmethod
     def tiny(cls) -> dict[str, Any]:
         return {"batch_size": 16, "width": 8, "limit_train": 64, "limit_val": 32}
-
-    def validate(self) -> None:
-        super().validate()
-        if self.width < 1:
-            raise ValueError(f"width: must be >= 1, got {self.width}")
-        for field in ("limit_train", "limit_val"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field}: must be >= 0 (0 means all), got {getattr(self, field)}")
 
 
 # ---- model -----------------------------------------------------------------------------------------------------------
@@ -176,15 +180,53 @@ class ResNet18(nn.Module):
 # ---- data ------------------------------------------------------------------------------------------------------------
 
 
+# The globals a CIFAR python-pickle file refers to: NumPy's array reconstruction, under its NumPy 1 module name (the
+# distributed files) and its NumPy 2 one. They map to this NumPy's own objects, so no module is imported by name.
+_RECONSTRUCT: Any = np.ndarray.__reduce__(np.zeros(0, np.uint8))[0]
+CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle referred to a global that `CifarUnpickler` does not admit."""
+
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"{module}.{name}")
+        self.module, self.name = module, name
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what CIFAR python-pickle files contain: dicts, lists, tuples, bytes, strings,
+    numbers and NumPy arrays. Any other global (a function or class a crafted file would call) raises
+    `RefusedGlobal` before anything is called; persistent ids and out-of-band buffers are refused by the base class.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return CIFAR_GLOBALS[module, name]
+        except KeyError:
+            raise RefusedGlobal(module, name) from None
+
+
 def read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR python-pickle file as (images uint8 (N, 3072), labels int64 (N,)).
+    """One CIFAR python-pickle file as (images uint8 (N, 3072), labels int64 (N,)), read with `CifarUnpickler`.
 
     Raises:
-        ValueError: naming the file, if it is not a pickle of that format.
+        ValueError: naming the file, if it is not a pickle of that format, or if it refers to a global other than
+            NumPy's array reconstruction (the refused global is named; nothing of the file's is run).
     """
     try:
         with path.open("rb") as f:
-            content = pickle.load(f, encoding="bytes")
+            content = CifarUnpickler(f, encoding="bytes").load()
+    except RefusedGlobal as error:
+        raise ValueError(
+            f"{path}: refused global {error}: a CIFAR python-pickle file holds only dicts, lists, bytes, strings, "
+            f"integers and NumPy arrays, so it is not one (nothing in it was run)"
+        ) from None
     except Exception as error:  # unpickling garbage can raise almost anything
         raise ValueError(f"{path}: not a CIFAR python-pickle file ({type(error).__name__}: {error})") from error
     if not isinstance(content, dict) or b"data" not in content or label_key not in content:
@@ -333,19 +375,25 @@ class CifarResNet18(Workload):
         return self._splits[split]
 
     def data_folder(self) -> Path:
-        """The folder holding all of the dataset's files: `data_dir` itself or `data_dir/<dataset folder>`."""
+        """The folder holding all of the dataset's files: `data_dir` itself or `data_dir/<dataset folder>` if
+        `data_dir` is set, else `$KOALA_DATA_DIR/datasets/<dataset folder>`."""
         spec = self.dataset
         expected = f"{spec.folder}/{{{','.join(spec.files)}}}"
-        root = data_directory(self.config.data_dir, self.name, expected, spec.source())
-        for folder in (root, root / spec.folder):
+        folders = dataset_folders(self.config.data_dir, spec.folder, self.name, expected, spec.source())
+        for folder in folders:
             if all((folder / name).is_file() for name in spec.files):
                 return folder
         # Report the files missing from the folder the user most likely meant.
-        folder = root if any((root / name).exists() for name in spec.files) else root / spec.folder
+        folder = next((f for f in folders if any((f / name).exists() for name in spec.files)), folders[-1])
         missing = [name for name in spec.files if not (folder / name).is_file()]
+        where = (
+            f"data_dir {self.config.data_dir!r} (the folder or its parent)"
+            if self.config.data_dir
+            else f"{str(folder)!r} ($KOALA_DATA_DIR/datasets/{spec.folder})"
+        )
         raise FileNotFoundError(
-            f"workload {self.name!r} reads {expected} from data_dir {str(root)!r} (the folder or its parent); "
-            f"missing in {str(folder)!r}: {', '.join(missing)}. {spec.source()}"
+            f"workload {self.name!r} reads {expected} from {where}; missing in {str(folder)!r}: "
+            f"{', '.join(missing)}. {spec.source()}"
         )
 
 

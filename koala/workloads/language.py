@@ -3,7 +3,8 @@
 - `char-lm` (`CharLM`): bytes of a fixed list of Python standard-library sources (every CPython install has them), so
   it runs offline. The text is that of the running Python version, so its numbers compare only within a version.
 - `wikitext2-lstm` (`WikiText2LSTM`): the tiny LSTM of the KOALA paper's supplement (Table 1: 2 layers, 200 hidden,
-  200 embedding, dropout 0.65, tied embeddings) on the word-level WikiText-2 token files.
+  200 embedding, dropout 0.65, tied embeddings) on the word-level WikiText-2 token files, read from
+  `$KOALA_DATA_DIR/datasets/wikitext-2/`, or from the folder `data_dir` names (the folder itself or its parent).
 
 Every batch starts from a zero LSTM state: no hidden state is carried across batches (unlike truncated BPTT over
 contiguous streams in the classic recipe), so batches are independent and can be shuffled, and the per-token losses of
@@ -20,13 +21,22 @@ import sysconfig
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from koala.workloads.base import Batch, Mode, Workload, WorkloadConfig, data_directory, model_device
+from koala.workloads.base import (
+    PATH_FIELD,
+    Batch,
+    Mode,
+    Range,
+    Workload,
+    WorkloadConfig,
+    dataset_folders,
+    model_device,
+)
 
 # Large pure-Python modules present in CPython 3.11 and later (none became a package or was removed), sorted so the
 # concatenated text is the same on every install of one Python version.
@@ -45,6 +55,7 @@ STDLIB_SOURCES: tuple[str, ...] = (
     "typing.py",
 )
 VALIDATION_FRACTION = 0.1
+WIKITEXT2_FOLDER = "wikitext-2"
 WIKITEXT2_FILES: tuple[str, ...] = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
 WIKITEXT2_SOURCE = (
     "They are the tokenised WikiText-2 release by Merity et al. (wikitext-2-v1.zip, which unpacks to wikitext-2/; or "
@@ -87,26 +98,36 @@ class LSTMLanguageModel(nn.Module):
         return logits
 
 
+# The ranges of the language-model settings, declared once and used by every config that sets its own default.
+LMBatchSize = Annotated[int, Range(1, 4096)]
+SeqLen = Annotated[int, Range(1, 4096)]
+Width = Annotated[int, Range(1, 4096)]  # embedding and hidden sizes
+Layers = Annotated[int, Range(1, 8)]
+Dropout = Annotated[float, Range(0.0, 0.99)]
+#: The most tokens one batch may hold (batch_size * seq_len): with WikiText-2's 33,278-word vocabulary, the float32
+#: logits of such a batch take 17 GB.
+MAX_BATCH_TOKENS = 2**17
+
+
 @dataclasses.dataclass(frozen=True)
 class LanguageModelConfig(WorkloadConfig):
     """Settings of the LSTM language model and its batches; each workload sets its own defaults."""
 
-    batch_size: int = 32
-    seq_len: int = 64
-    embedding: int = 64
-    hidden: int = 128
-    layers: int = 1
-    dropout: float = 0.0
+    batch_size: LMBatchSize = 32
+    seq_len: SeqLen = 64
+    embedding: Width = 64
+    hidden: Width = 128
+    layers: Layers = 1
+    dropout: Dropout = 0.0
     tie_weights: bool = False
 
     def validate(self) -> None:
         super().validate()
-        for field in ("seq_len", "embedding", "hidden", "layers"):
-            value = getattr(self, field)
-            if value < 1:
-                raise ValueError(f"{field}: must be >= 1, got {value}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.batch_size * self.seq_len > MAX_BATCH_TOKENS:
+            raise ValueError(
+                f"batch_size: batch_size * seq_len must be at most {MAX_BATCH_TOKENS} tokens per batch, got "
+                f"{self.batch_size} * {self.seq_len} = {self.batch_size * self.seq_len}"
+            )
         if self.tie_weights and self.embedding != self.hidden:
             raise ValueError(
                 f"tie_weights: needs embedding == hidden, got embedding={self.embedding}, hidden={self.hidden}"
@@ -115,38 +136,32 @@ class LanguageModelConfig(WorkloadConfig):
 
 @dataclasses.dataclass(frozen=True)
 class CharLMConfig(LanguageModelConfig):
-    limit_chars: int = 0  # use only the first limit_chars characters of the text (0: all)
+    # Use only the first limit_chars characters of the text (0: all).
+    limit_chars: Annotated[int, Range(0, 1_000_000_000)] = 0
 
     @classmethod
     def tiny(cls) -> dict[str, Any]:
         return {"batch_size": 8, "seq_len": 16, "hidden": 16, "embedding": 8, "limit_chars": 4000}
 
-    def validate(self) -> None:
-        super().validate()
-        if self.limit_chars < 0:
-            raise ValueError(f"limit_chars: must be >= 0 (0: all), got {self.limit_chars}")
-
 
 @dataclasses.dataclass(frozen=True)
 class WikiText2Config(LanguageModelConfig):
-    data_dir: str = ""  # holds the three token files, directly or in wikitext-2/ ("": $KOALA_DATA_DIR)
-    batch_size: int = 20
-    seq_len: int = 35
-    embedding: int = 200
-    hidden: int = 200
-    layers: int = 2
-    dropout: float = 0.65
+    # The folder holding the three token files, or its parent (then they are in wikitext-2/); empty means
+    # $KOALA_DATA_DIR/datasets/wikitext-2.
+    data_dir: str = dataclasses.field(default="", metadata={PATH_FIELD: True})
+    batch_size: LMBatchSize = 20
+    seq_len: SeqLen = 35
+    embedding: Width = 200
+    hidden: Width = 200
+    layers: Layers = 2
+    dropout: Dropout = 0.65
     tie_weights: bool = True
-    limit_tokens: int = 0  # use only the first limit_tokens tokens of each split (0: all); the vocabulary is full
+    # Use only the first limit_tokens tokens of each split (0: all); the vocabulary is the full training file's.
+    limit_tokens: Annotated[int, Range(0, 1_000_000_000)] = 0
 
     @classmethod
     def tiny(cls) -> dict[str, Any]:
         return {"batch_size": 4, "seq_len": 8, "embedding": 16, "hidden": 16, "limit_tokens": 2000}
-
-    def validate(self) -> None:
-        super().validate()
-        if self.limit_tokens < 0:
-            raise ValueError(f"limit_tokens: must be >= 0 (0: all), got {self.limit_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,14 +343,18 @@ class WikiText2LSTM(LanguageModelWorkload):
         return _Corpus(train=train, valid=valid, vocab_size=len(index), vocabulary=tuple(index))
 
     def _data_folder(self) -> Path:
+        """The folder holding the three token files: data_dir or data_dir/wikitext-2 if data_dir is set, else
+        $KOALA_DATA_DIR/datasets/wikitext-2."""
         expected = ", ".join(WIKITEXT2_FILES)
-        root = data_directory(self.config.data_dir, self.name, expected, WIKITEXT2_SOURCE)
-        for folder in (root, root / "wikitext-2"):
+        folders = dataset_folders(self.config.data_dir, WIKITEXT2_FOLDER, self.name, expected, WIKITEXT2_SOURCE)
+        for folder in folders:
             if all((folder / file).is_file() for file in WIKITEXT2_FILES):
                 return folder
+        places = " or ".join(str(folder) for folder in folders)
+        if not self.config.data_dir:
+            places += f" ($KOALA_DATA_DIR/datasets/{WIKITEXT2_FOLDER})"
         raise FileNotFoundError(
-            f"workload {self.name!r} reads {expected} from {root} or {root / 'wikitext-2'}, but they are not all "
-            f"there. {WIKITEXT2_SOURCE}"
+            f"workload {self.name!r} reads {expected} from {places}, but they are not all there. {WIKITEXT2_SOURCE}"
         )
 
 

@@ -13,21 +13,27 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
 
-from koala.workloads.base import Batch, Workload, WorkloadConfig
+from koala.workloads.base import Batch, BatchSize, Range, Workload, WorkloadConfig
+
+#: The most float32 values one batch of centres may hold (batch_size * dimension): 1 GiB.
+MAX_BATCH_VALUES = 2**28
+#: The most values one epoch may draw (samples_per_epoch * dimension): about two minutes of sampling on one CPU core.
+MAX_EPOCH_VALUES = 2**34
 
 
 @dataclasses.dataclass(frozen=True)
 class QuadraticConfig(WorkloadConfig):
-    batch_size: int = 32
-    dimension: int = 1000
-    condition: float = 1e4  # h_max / h_min
-    samples_per_epoch: int = 8192
-    initial_scale: float = 1.0  # w_0 = initial_scale * h^-1/2 (equal initial risk in every direction)
+    batch_size: BatchSize = 32
+    dimension: Annotated[int, Range(1, 1_000_000)] = 1000
+    condition: Annotated[float, Range(1.0, 1e12)] = 1e4  # h_max / h_min
+    samples_per_epoch: Annotated[int, Range(1, 100_000_000)] = 8192
+    # w_0 = initial_scale * h^-1/2 (equal initial risk in every direction)
+    initial_scale: Annotated[float, Range(1e-6, 1e6)] = 1.0
 
     @classmethod
     def tiny(cls) -> dict[str, Any]:
@@ -35,16 +41,20 @@ class QuadraticConfig(WorkloadConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.dimension < 1:
-            raise ValueError(f"dimension: must be >= 1, got {self.dimension}")
-        if self.condition < 1:
-            raise ValueError(f"condition: must be >= 1, got {self.condition}")
         if self.samples_per_epoch < self.batch_size:
             raise ValueError(
                 f"samples_per_epoch: must be >= batch_size ({self.batch_size}), got {self.samples_per_epoch}"
             )
-        if self.initial_scale <= 0:
-            raise ValueError(f"initial_scale: must be > 0, got {self.initial_scale}")
+        if self.batch_size * self.dimension > MAX_BATCH_VALUES:
+            raise ValueError(
+                f"batch_size: batch_size * dimension must be at most {MAX_BATCH_VALUES} (a batch of float32 centres, "
+                f"1 GiB), got {self.batch_size} * {self.dimension} = {self.batch_size * self.dimension}"
+            )
+        if self.samples_per_epoch * self.dimension > MAX_EPOCH_VALUES:
+            raise ValueError(
+                f"samples_per_epoch: samples_per_epoch * dimension must be at most {MAX_EPOCH_VALUES}, got "
+                f"{self.samples_per_epoch} * {self.dimension} = {self.samples_per_epoch * self.dimension}"
+            )
 
 
 class QuadraticWeights(nn.Module):
