@@ -8,9 +8,10 @@ The classes are thin glue in the style of `torch.optim.Adam`: validate, gather t
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ from torch.optim.optimizer import ParamsT
 from koala import cpu_kernels, cuda_kernels
 from koala import functional as F
 
-Loss = Tensor
-Closure = Callable[[], Tensor]
+Loss = Tensor | float  # a real number is a 0-d loss
+Closure = Callable[[], Tensor | float]
 Path = Literal["single", "foreach", "fused", "triton"]
 
 # Keys of the filter state stored under the first parameter.
@@ -50,6 +51,36 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_lr(value: Any) -> None:
+    """A finite number >= 0, or (as torch's optimizers take it) a 1-element tensor holding one. A tensor lr must be
+    on the CPU: `step()` reads lr on the host, which on a device would cost a synchronisation every step."""
+    if isinstance(value, Tensor):
+        _check(value.numel() == 1, "Tensor lr must be 1-element")
+        _check(
+            value.device.type == "cpu",
+            f"lr as a Tensor is not supported on {value.device}: KOALA reads lr on the host at every step, keep the "
+            "tensor on the CPU or pass a float",
+        )
+        value = value.item()
+    _check_number("lr", value, low=0.0)
+
+
+def _loss_tensor(value: object) -> Tensor | None:
+    """The measured loss: a non-empty floating-point tensor as it is, a real number (not a bool) as a 0-d float64
+    tensor; None for anything else."""
+    if isinstance(value, Tensor):
+        return value if value.is_floating_point() and value.numel() > 0 else None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    return None
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
 def _check_number(name: str, value: Any, *, low: float, low_open: bool = False, high: float = math.inf) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     bound = "> " if low_open else ">= "
@@ -60,9 +91,17 @@ def _check_number(name: str, value: Any, *, low: float, low_open: bool = False, 
 
 
 class _KalmanOptimizer(torch.optim.Optimizer):
-    """What KOALA-V and KOALA-M share: the step protocol, the measurement, checkpoints and the train/eval switch."""
+    """What KOALA-V and KOALA-M share: the step protocol, the measurement, checkpoints and the train/eval switch.
+
+    The filter's hyperparameters (all but lr and weight_decay) are attributes, not param-group options: one filter
+    runs over all groups, so they have no per-group value, and LR schedulers that cycle a group's "momentum" must not
+    find KOALA-M's. `__getstate__` adds them to what torch keeps, so deepcopy and pickle carry them; they are set
+    after `Optimizer.__init__` (torch.compile, tracing the construction, drops attributes set before it). The state
+    dict stays torch's: state and param groups.
+    """
 
     _variant = "KOALA"
+    _HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("measurement_noise", "noise_decay")
 
     def __init__(
         self,
@@ -73,7 +112,7 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         noise_decay: float,
         foreach: bool | None,
     ) -> None:
-        _check_number("lr", defaults["lr"], low=0.0)
+        _check_lr(defaults["lr"])
         _check_number("weight_decay", defaults["weight_decay"], low=0.0)
         if measurement_noise is not None:
             _check_number("measurement_noise", measurement_noise, low=0.0, low_open=True)
@@ -83,36 +122,57 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.measurement_noise = measurement_noise
         self.noise_decay = noise_decay
-        for group in self.param_groups:
-            for p in group["params"]:
-                _check(p.is_floating_point(), f"Invalid parameter dtype {p.dtype}: KOALA needs floating-point tensors")
         self._stashed_weights: list[Tensor] | None = None
         self._workspace: cuda_kernels.Workspace | None = None  # device buffers of the CUDA kernels
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key in ("lr", "weight_decay"):
-            if key in param_group:
-                _check_number(key, param_group[key], low=0.0)
-        if self.state:
+        if "lr" in param_group:
+            _check_lr(param_group["lr"])
+        if "weight_decay" in param_group:
+            _check_number("weight_decay", param_group["weight_decay"], low=0.0)
+        if self._has_state():
             name = type(self).__name__
             raise RuntimeError(f"{name} keeps one filter over all parameters: add groups before the first step")
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # normalises the group (its params may be an iterator) and appends it
+        bad = [p.dtype for p in self.param_groups[-1]["params"] if not p.is_floating_point()]
+        if bad:
+            self.param_groups.pop()
+            raise ValueError(f"Invalid parameter dtype {bad[0]}: KOALA needs floating-point tensors")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickle and deepcopy keep: torch's defaults, state and param groups, the filter's hyperparameters and
+        KOALA-M's stashed predicted weights (so that `train()` after a copy made in eval mode is exact too)."""
+        kept = super().__getstate__()
+        kept.update({name: getattr(self, name) for name in self._HYPERPARAMETERS})
+        kept["_stashed_weights"] = self._stashed_weights
+        return kept
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also called by `load_state_dict` with the state and param groups only: attributes it lacks are kept.
+        super().__setstate__(state)
+        self.__dict__.setdefault("_stashed_weights", None)
+        self.__dict__.setdefault("_workspace", None)
+        for group in self.param_groups:  # param groups saved without these options (torch's backward compatibility)
+            group.setdefault("foreach", self.defaults.get("foreach"))
+            group.setdefault("train_mode", True)
 
     # ---- the public protocol --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None, *, loss: Loss | None = None) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Closure | None = None, *, loss: Loss | None = None) -> Loss:  # type: ignore[override]
         """Run update_k and predict_{k+1} with this minibatch's loss (koala-method.md section 4).
 
         Args:
-            closure: recomputes the loss and its gradient and returns the loss tensor.
+            closure: recomputes the loss and its gradient and returns the loss.
             loss: the loss already backpropagated, per sample (any shape, averaged over all elements) or 0-d.
 
         Exactly one of `closure` and `loss` is required. The loss must be the unscaled one (under `GradScaler`, pass
-        the losses before `scaler.scale`). Returns the loss.
+        the losses before `scaler.scale`). A real number (a closure returning `loss.item()`) is a 0-d loss. Returns
+        the loss as given (or as the closure returned it).
 
         Raises:
-            TypeError: neither or both of `closure` and `loss`, or a loss that is not a floating-point tensor.
+            TypeError: neither or both of `closure` and `loss`, or a loss that is neither a non-empty floating-point
+                tensor nor a real number (a closure returning None, for instance).
             RuntimeError: called in evaluation mode (call `train()` first).
         """
         if (closure is None) == (loss is None):
@@ -121,8 +181,12 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not isinstance(loss, Tensor) or not loss.is_floating_point() or loss.numel() == 0:
-            raise TypeError(f"{type(self).__name__}.step() needs the loss as a non-empty float tensor: {_CALL_HINT}")
+        measured = _loss_tensor(loss)
+        if loss is None or measured is None:
+            raise TypeError(
+                f"{type(self).__name__}.step() needs the loss as a non-empty float tensor or a real number, got "
+                f"{_describe(loss)}: {_CALL_HINT}"
+            )
         if not self.param_groups[0]["train_mode"]:
             raise RuntimeError(f"{type(self).__name__}.step() called in evaluation mode: call optimizer.train() first")
         blocks = self._blocks()
@@ -134,11 +198,11 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         device = state[COVARIANCE].device
         path, layout = self._path(blocks)
         if layout is not None:
-            moments = cuda_kernels.loss_moments(loss, device, layout.workspace.moments)
+            moments = cuda_kernels.loss_moments(measured, device, layout.workspace.moments)
         elif path == "fused":
-            moments = F.loss_moments_host(loss)
+            moments = F.loss_moments_host(measured)
         else:
-            moments = F.loss_moments(loss, device, state[COVARIANCE].dtype)
+            moments = F.loss_moments(measured, device, state[COVARIANCE].dtype)
         if _distributed():
             dist.all_reduce(moments)  # global L and m2 so every replica takes the identical step
         if layout is not None:
@@ -170,21 +234,48 @@ class _KalmanOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the filter's float64 scalars keep their dtype and move to the first parameter's device.
 
-        (`torch.optim.Optimizer` would cast every floating tensor to the parameter's dtype, e.g. bfloat16.)
+        (`torch.optim.Optimizer` would cast every floating tensor to the parameter's dtype, e.g. bfloat16.) A plain
+        number where a filter scalar belongs (`step`, as older torch optimizers saved it) is loaded as that tensor.
+        Load-state-dict pre-hooks see the state dict as given and post-hooks the loaded optimizer, as in torch.
         """
-        _check_state_shapes(self.param_groups, state_dict)
-        states = dict(state_dict["state"])
-        first_state = dict(states.get(0, {}))
-        filter_state = {k: first_state.pop(k) for k in FILTER_KEYS if k in first_state}
-        if 0 in states:
-            states[0] = first_state
-        super().load_state_dict({**state_dict, "state": states})
-        first = self.param_groups[0]["params"][0]
-        dtype = _filter_dtype(first.device)
-        self.state[first].update({k: v.to(first.device, dtype) for k, v in filter_state.items()})
-        self._stashed_weights = None
+        filter_state: dict[str, Any] = {}
+
+        def take_filter_state(optimizer: torch.optim.Optimizer, loaded: dict[str, Any]) -> dict[str, Any]:
+            # Runs after the user's pre-hooks, before torch casts anything.
+            _check_state_shapes(self.param_groups, loaded)
+            # Empty per-parameter entries (a never-stepped optimizer saved by earlier versions) are not state.
+            states = {k: v for k, v in loaded["state"].items() if not (isinstance(v, dict) and not v)}
+            first_state = dict(states.get(0, {}))
+            filter_state.update({k: first_state.pop(k) for k in FILTER_KEYS if k in first_state})
+            if first_state:
+                states[0] = first_state
+            else:
+                states.pop(0, None)
+            return {**loaded, "state": states}
+
+        def put_filter_state(optimizer: torch.optim.Optimizer) -> None:
+            # Runs before the user's post-hooks.
+            first = self.param_groups[0]["params"][0]
+            if filter_state:
+                device, dtype = first.device, _filter_dtype(first.device)
+                self.state[first].update(
+                    {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in filter_state.items()}
+                )
+            self._stashed_weights = None
+
+        pre_hook = self.register_load_state_dict_pre_hook(take_filter_state)
+        post_hook = self.register_load_state_dict_post_hook(put_filter_state, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre_hook.remove()
+            post_hook.remove()
 
     # ---- internals ------------------------------------------------------------------------------------------------
+
+    def _has_state(self) -> bool:
+        """Whether the filter has started (stepped, or loaded a state that had): empty entries do not count."""
+        return any(self.state.get(p) for group in self.param_groups for p in group["params"])
 
     def _blocks(self) -> F.Blocks:
         # Runs every step: list operations per group, not per parameter, where possible.
@@ -322,8 +413,9 @@ class KoalaV(_KalmanOptimizer):
     near 1 are normal; schedulers scale it per group. Do not port SGD or Adam learning rates.
 
     Usage contract:
-        * Pass the per-sample losses (or a 0-d loss, which makes R too small: documented as degraded) after backward:
-          `opt.step(loss=losses)`, or `opt.step(closure)`. The loss must be positive (scheme b) and unscaled.
+        * Pass the per-sample losses (or a 0-d loss or a real number, which make R too small: documented as degraded)
+          after backward: `opt.step(loss=losses)`, or `opt.step(closure)`. The loss must be positive (scheme b) and
+          unscaled.
         * One `step()` per backward. Blocks whose raw gradient norm is below 1e-9 are not updated; if none passes,
           or the loss or any norm is non-finite, the whole step is skipped and nothing changes (a RuntimeWarning is
           issued where that is free to detect: on the CPU).
@@ -350,6 +442,7 @@ class KoalaV(_KalmanOptimizer):
     """
 
     _variant = "KOALA-V"
+    _HYPERPARAMETERS = (*_KalmanOptimizer._HYPERPARAMETERS, "initial_covariance", "process_noise")
 
     def __init__(
         self,
@@ -365,8 +458,6 @@ class KoalaV(_KalmanOptimizer):
     ) -> None:
         _check_number("initial_covariance", initial_covariance, low=0.0, low_open=True)
         _check_number("process_noise", process_noise, low=0.0)
-        self.initial_covariance = initial_covariance
-        self.process_noise = process_noise
         super().__init__(
             params,
             dict(lr=lr, weight_decay=weight_decay),
@@ -374,6 +465,8 @@ class KoalaV(_KalmanOptimizer):
             noise_decay=noise_decay,
             foreach=foreach,
         )
+        self.initial_covariance = initial_covariance
+        self.process_noise = process_noise
 
     def _init_state(self, blocks: F.Blocks) -> None:
         first = blocks.params[0]
@@ -458,6 +551,13 @@ class KoalaM(_KalmanOptimizer):
     """
 
     _variant = "KOALA-M"
+    _HYPERPARAMETERS = (
+        *_KalmanOptimizer._HYPERPARAMETERS,
+        "momentum",
+        "initial_covariance",
+        "weight_process_noise",
+        "velocity_process_noise",
+    )
 
     def __init__(
         self,
@@ -487,10 +587,6 @@ class KoalaM(_KalmanOptimizer):
         )
         _check_number("weight_process_noise", weight_process_noise, low=0.0)
         _check_number("velocity_process_noise", velocity_process_noise, low=0.0)
-        self.momentum = momentum
-        self.initial_covariance = (float(sxx), float(sxp), float(spp))
-        self.weight_process_noise = weight_process_noise
-        self.velocity_process_noise = velocity_process_noise
         super().__init__(
             params,
             dict(lr=lr, weight_decay=weight_decay),
@@ -498,6 +594,10 @@ class KoalaM(_KalmanOptimizer):
             noise_decay=noise_decay,
             foreach=foreach,
         )
+        self.momentum = momentum
+        self.initial_covariance = (float(sxx), float(sxp), float(spp))
+        self.weight_process_noise = weight_process_noise
+        self.velocity_process_noise = velocity_process_noise
 
     def _all_state(self, blocks: F.Blocks) -> tuple[list[Tensor], list[Tensor]]:
         states = [self.state[p] for p in blocks.params]
@@ -597,7 +697,7 @@ class KoalaM(_KalmanOptimizer):
         super()._switch(train=train)
         if group_mode == train:
             return
-        params = [p for group in self.param_groups for p in group["params"] if VELOCITY in self.state[p]]
+        params = [p for group in self.param_groups for p in group["params"] if VELOCITY in self.state.get(p, ())]
         if not train:
             # x_k = x^_{k+1} - p_k. The predicted weights are kept so that train() restores them bit for bit.
             self._stashed_weights = [p.detach().clone() for p in params]
