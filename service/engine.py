@@ -6,6 +6,11 @@ on the first seed (phase `tune`, optionally early-stopped by ASHA), then its bes
 trials as Tune asks for them (eval trials once their optimizer's tuning has finished) and records every start,
 epoch and end in Optuna, so the driver is the only writer. `koala.train.run` does the training inside the trial.
 
+Time limits: a trial running longer than its wall-clock limit is stopped and recorded as FAIL ("time limit"); a job
+running longer than its limit is stopped, its unfinished trials recorded as FAIL ("job time limit"), and it ends
+failed. The limits are the JobSpec's `trial_time_limit_s` and `job_time_limit_s`, capped by the caller's (the
+service's settings). A job in which no trial completed ends failed, saying why its trials failed.
+
 Ray: `RAY_ADDRESS` set means that cluster; unset means a local Ray started for the run and shut down after it.
 """
 
@@ -19,7 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +43,8 @@ from service.recorder import OpenTrial, Phase, Recorder, finished_trials
 
 log = logging.getLogger(__name__)
 OBJECTIVE = "objective"  # the JobSpec metric, under one name for Tune's schedulers
+TRIAL_TIME_LIMIT = "time limit"  # the reason of a trial stopped for running past the trial time limit
+JOB_TIME_LIMIT = "job time limit"  # the reason of a trial the job's time limit interrupted
 TIMING_FILE = "koala-timing.json"  # per-epoch and wall seconds, saved with a trial's checkpoint for retries
 
 
@@ -70,11 +77,20 @@ class JobSearcher(Searcher):
     """Hands out the job's planned trials and records them in Optuna (runs in the driver)."""
 
     def __init__(
-        self, spec: JobSpec, recorder: Recorder, stop: threading.Event, on_event: EventSink | None = None
+        self,
+        spec: JobSpec,
+        recorder: Recorder,
+        stop: threading.Event,
+        on_event: EventSink | None = None,
+        *,
+        timed_out: threading.Event | None = None,
     ) -> None:
         super().__init__(metric=OBJECTIVE, mode="max" if spec.direction == "maximize" else "min")
         self.spec = spec
-        self.stop = stop
+        self.stop = stop  # cancelled (the service's cancel, Ctrl-C)
+        self.timed_out = timed_out or threading.Event()  # the job ran out of time
+        # Tune trial ids stopped for running past the trial time limit -> the seconds they ran
+        self.time_limited: dict[str, float] = {}
         self.recorder = recorder
         self.on_event = on_event or (lambda event: None)
         self.ready: deque[_Planned] = deque()
@@ -88,14 +104,14 @@ class JobSearcher(Searcher):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its configuration to disk for restores; this searcher's live state (database, lock, callbacks)
         # stays in the driver, and a job resumes from its Optuna studies instead.
-        unpicklable = {"recorder", "lock", "on_event", "running", "stop"}
+        unpicklable = {"recorder", "lock", "on_event", "running", "stop", "timed_out"}
         return {k: v for k, v in self.__dict__.items() if k not in unpicklable}
 
     # ---- Searcher interface ----------------------------------------------------------------------------------------
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]  # FINISHED is a str
         with self.lock:
-            if self.stop.is_set():
+            if self.stop.is_set() or self.timed_out.is_set():
                 return Searcher.FINISHED
             if not self.ready:
                 return Searcher.FINISHED if not self.tuning_left else None  # eval trials wait for their tuning
@@ -136,10 +152,11 @@ class JobSearcher(Searcher):
             opened = self.running.pop(trial_id, None)
             if opened is None:
                 return
-            state, value, reason = self._outcome(result, error)
+            state, value, reason = self._outcome(trial_id, result, error)
             attrs = {
                 "epochs_done": int((result or {}).get("epoch", 0)),
-                "wall_seconds": float((result or {}).get("wall_seconds", 0.0)),
+                # A trial stopped at its time limit before it reported anything still spent that time.
+                "wall_seconds": float((result or {}).get("wall_seconds", self.time_limited.get(trial_id, 0.0))),
                 "epoch_seconds": list((result or {}).get("epoch_seconds", [])),
                 "device": (result or {}).get("device", "unknown"),
                 "node": (result or {}).get("node"),
@@ -156,14 +173,23 @@ class JobSearcher(Searcher):
 
     # ---- internals -------------------------------------------------------------------------------------------------
 
-    def _outcome(self, result: Mapping[str, Any] | None, error: bool) -> tuple[TrialState, float | None, str | None]:
+    def _outcome(
+        self, trial_id: str, result: Mapping[str, Any] | None, error: bool
+    ) -> tuple[TrialState, float | None, str | None]:
+        if trial_id in self.time_limited:
+            return TrialState.FAIL, None, TRIAL_TIME_LIMIT
         if error:
             return TrialState.FAIL, None, str((result or {}).get("error", "the trial raised an error"))
+        interrupted_by_time = self.timed_out.is_set() and not self.stop.is_set()
         if not result:
+            if interrupted_by_time:
+                return TrialState.FAIL, None, JOB_TIME_LIMIT
             return TrialState.PRUNED, None, "stopped before its first epoch"
         if result.get("diverged"):
             return TrialState.FAIL, None, "diverged"
         if int(result.get("epoch", 0)) < self.spec.epochs:
+            if interrupted_by_time:
+                return TrialState.FAIL, None, JOB_TIME_LIMIT
             return TrialState.PRUNED, None, "cancelled" if self.stop.is_set() else "early-stopped"
         value = float(result[OBJECTIVE])
         if not math.isfinite(value):
@@ -263,19 +289,80 @@ class TuningOnlyASHA(FIFOScheduler):
 
 
 class StopFlag(tune.Stopper):
-    """Stops the whole run when `event` is set (the service's cancel, or Ctrl-C in `koala run`)."""
+    """Stops the whole run when one of `events` is set (the service's cancel, Ctrl-C in `koala run`, the job's time
+    limit)."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"event": None}  # a live flag: meaningless in the copy Tune writes to disk
+        return {"events": ()}  # live flags: meaningless in the copy Tune writes to disk
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return self.event.is_set()
+        return self.stop_all()
 
     def stop_all(self) -> bool:
-        return self.event.is_set()
+        return any(event.is_set() for event in self.events)
+
+
+class TrialTimeLimit(FIFOScheduler):
+    """The job's trial scheduler (`inner`) plus a wall-clock limit per trial, counted from when Tune first runs the
+    trial (retries included): a trial past `limit` seconds is stopped at its next result, or at the next step of
+    Tune's loop when it reports none (a stuck epoch), and the searcher records it as FAIL "time limit"."""
+
+    def __init__(self, inner: TrialScheduler, limit: float | None, searcher: JobSearcher) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.inner = inner
+        self.limit = limit
+        self.searcher = searcher
+        self.started: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "searcher": None}  # the live searcher stays in the driver
+
+    def _seconds(self, trial: TuneTrial) -> float:
+        """How long `trial` has run (from when this scheduler first saw it running)."""
+        return time.monotonic() - self.started.setdefault(trial.trial_id, time.monotonic())
+
+    def _over(self, trial: TuneTrial) -> bool:
+        return self.limit is not None and self._seconds(trial) > self.limit
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return bool(self.inner.set_search_properties(metric, mode, **spec))
+
+    def on_trial_add(self, tune_controller: Any, trial: TuneTrial) -> None:
+        self.inner.on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: TuneTrial) -> None:
+        self.inner.on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: TuneTrial, result: dict[str, Any]) -> str:
+        final = result.get("diverged") or int(result.get("epoch", 0)) >= self.searcher.spec.epochs
+        if self._over(trial) and not final:
+            self.searcher.time_limited[trial.trial_id] = self._seconds(trial)
+            return TrialScheduler.STOP
+        return str(self.inner.on_trial_result(tune_controller, trial, result))
+
+    def on_trial_complete(self, tune_controller: Any, trial: TuneTrial, result: dict[str, Any]) -> None:
+        self.inner.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: TuneTrial) -> None:
+        self.inner.on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> TuneTrial | None:
+        # Called at every step of Tune's loop: the place to stop a trial that has gone silent past its limit.
+        if self.limit is not None:
+            for trial in list(tune_controller.get_live_trials()):
+                running = trial.status == TuneTrial.RUNNING and trial.trial_id not in self.searcher.time_limited
+                if running and self._over(trial):
+                    log.warning("trial %s ran past its time limit of %g s; stopping it", trial.trial_id, self.limit)
+                    self.searcher.time_limited[trial.trial_id] = self._seconds(trial)
+                    tune_controller.stop_trial(trial)
+        chosen: TuneTrial | None = self.inner.choose_trial_to_run(tune_controller)
+        return chosen
+
+    def debug_string(self) -> str:
+        return str(self.inner.debug_string())
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -389,6 +476,12 @@ class JobOutcome:
     seconds: float = 0.0
 
 
+def effective_limit(*limits: float | None) -> float | None:
+    """The tightest of the given time limits (None: no limit)."""
+    given = [float(limit) for limit in limits if limit is not None]
+    return min(given) if given else None
+
+
 def run_job(
     spec: JobSpec,
     recorder: Recorder,
@@ -397,17 +490,35 @@ def run_job(
     on_event: EventSink | None = None,
     storage_path: str | os.PathLike[str] | None = None,
     max_failures: int = 2,
+    trial_time_limit_s: float | None = None,
+    job_time_limit_s: float | None = None,
+    job_elapsed_s: float = 0.0,
 ) -> JobOutcome:
     """Execute every planned trial of `spec` on Ray Tune, recording in `recorder`'s studies.
 
-    Whatever ends the run (success, `stop`, an error, Ctrl-C), no trial is left RUNNING: trials a stop interrupted
-    are closed as PRUNED ("cancelled"), trials an error left behind as FAIL.
+    Time limits: the spec's `trial_time_limit_s` and `job_time_limit_s`, each capped by the argument of the same
+    name (the service's limits); `job_elapsed_s` is what the job already ran before this run (a resumed job).
+
+    Whatever ends the run (success, `stop`, the job's time limit, an error, Ctrl-C), no trial is left RUNNING: trials
+    a stop interrupted are closed as PRUNED ("cancelled"), trials the time limit interrupted or an error left behind
+    as FAIL.
     """
     stop = stop or threading.Event()
+    timed_out = threading.Event()
+    trial_limit = effective_limit(getattr(spec, "trial_time_limit_s", None), trial_time_limit_s)
+    job_limit = effective_limit(getattr(spec, "job_time_limit_s", None), job_time_limit_s)
+    timer: threading.Timer | None = None
     started_ray = False
     started = time.perf_counter()
+    if job_limit is not None and job_elapsed_s >= job_limit:  # a resumed job with no time left
+        closed = recorder.close_dangling(JOB_TIME_LIMIT)
+        return JobOutcome("failed", _time_limit_error(job_limit, closed), 0.0)
     scratch = Path(storage_path) if storage_path is not None else Path(tempfile.mkdtemp(prefix="koala-tune-"))
     try:
+        if job_limit is not None:
+            timer = threading.Timer(job_limit - job_elapsed_s, timed_out.set)
+            timer.daemon = True
+            timer.start()
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
             # "local": never attach to a cluster some earlier `ray start` left recorded on this machine.
@@ -417,13 +528,14 @@ def run_job(
             started_ray = not address
         check_resources(spec)
         warm_up_cpu_kernels(spec)
-        searcher = JobSearcher(spec, recorder, stop, on_event)
+        searcher = JobSearcher(spec, recorder, stop, on_event, timed_out=timed_out)
         trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+        inner = TuningOnlyASHA(spec) if spec.scheduler == "asha" else FIFOScheduler()  # type: ignore[no-untyped-call]
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
-                scheduler=TuningOnlyASHA(spec) if spec.scheduler == "asha" else FIFOScheduler(),  # type: ignore[no-untyped-call]
+                scheduler=TrialTimeLimit(inner, trial_limit, searcher),
                 num_samples=spec.planned_trials(),
                 max_concurrent_trials=spec.max_concurrent_trials,
                 reuse_actors=True,
@@ -431,8 +543,10 @@ def run_job(
             run_config=tune.RunConfig(
                 name=f"job-{recorder.job_id}",
                 storage_path=str(scratch.resolve()),
-                stop=StopFlag(stop),
+                stop=StopFlag(stop, timed_out),
                 failure_config=tune.FailureConfig(max_failures=max_failures),
+                # Only the newest checkpoint of a trial is needed (to retry it after its node died).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=0,
             ),
         )
@@ -440,9 +554,15 @@ def run_job(
         if stop.is_set():
             recorder.close_dangling("cancelled", TrialState.PRUNED)
             return JobOutcome("cancelled", seconds=time.perf_counter() - started)
+        if timed_out.is_set():
+            assert job_limit is not None
+            closed = recorder.close_dangling(JOB_TIME_LIMIT)
+            return JobOutcome("failed", _time_limit_error(job_limit, closed), time.perf_counter() - started)
         left = recorder.close_dangling("the run ended before this trial finished")
         if left:
             return JobOutcome("failed", f"{left} trial(s) did not finish", time.perf_counter() - started)
+        if (failed := _all_failed(recorder)) is not None:
+            return JobOutcome("failed", failed, time.perf_counter() - started)
         return JobOutcome("succeeded", seconds=time.perf_counter() - started)
     except KeyboardInterrupt:
         recorder.close_dangling("cancelled", TrialState.PRUNED)
@@ -452,7 +572,29 @@ def run_job(
         recorder.close_dangling(f"job failed: {error}")
         return JobOutcome("failed", f"{type(error).__name__}: {error}", time.perf_counter() - started)
     finally:
+        if timer is not None:
+            timer.cancel()
         if started_ray:
             ray.shutdown()
         if storage_path is None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _time_limit_error(limit: float, interrupted: int) -> str:
+    return f"job time limit of {limit:g} s reached; {interrupted} running trial(s) stopped"
+
+
+def _all_failed(recorder: Recorder) -> str | None:
+    """None if some trial of the job completed; otherwise why they failed, e.g. "every trial failed (4: diverged 2,
+    time limit 2)"."""
+    trials = [
+        t
+        for entry in recorder.spec.optimizers
+        for t in recorder.study(entry.name).get_trials(deepcopy=False)
+        if "phase" in t.user_attrs  # a trial without one was never started (see Recorder.close_orphans)
+    ]
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        return None
+    reasons = Counter(str(t.user_attrs.get("reason") or t.state.name.lower()) for t in trials)
+    summary = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common())
+    return f"every trial failed ({len(trials)}: {summary})" if trials else "no trial ran"

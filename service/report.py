@@ -4,7 +4,7 @@ Per optimizer: mode, the hyperparameters used (the best found, for tuned ones), 
 metric over seeds (mean, std, min, max) of the evaluation trials, the per-epoch curve (mean and std over seeds),
 epochs and seconds to the target, and the compute spent (trial-seconds, tuning included). Across optimizers: the
 ranking and the HPO cost ratio: for each tuned baseline, the tuning compute it spent until one of its trials first
-matched the best untuned KOALA result, divided by the compute of one KOALA run.
+matched the best untuned KOALA result, divided by the compute of one KOALA run. And the trials that failed, with why.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from service.recorder import job_study_names
-from service.schemas import CurvePoint, HpoCost, OptimizerReport, Report, TargetReach
+from service.schemas import CurvePoint, FailedTrial, HpoCost, OptimizerReport, Report, TargetReach
 
 __all__ = ["Report", "build_report"]
 
@@ -48,7 +48,24 @@ def build_report(storage: optuna.storages.BaseStorage, job_id: str) -> Report:
         optimizers=reports,
         ranking=ranked,
         hpo_cost=_hpo_costs(reports, trials_by_optimizer, maximise),
+        failed_trials=_failed(trials_by_optimizer),
     )
+
+
+def _failed(trials: dict[str, list[FrozenTrial]]) -> list[FailedTrial]:
+    """Every planned trial that ended FAIL (a trial without a phase was never started; see Recorder.close_orphans)."""
+    return [
+        FailedTrial(
+            optimizer=optimizer,
+            phase=t.user_attrs["phase"],
+            seed=int(t.user_attrs.get("seed", 0)),
+            number=t.number,
+            reason=str(t.user_attrs.get("reason") or "unknown"),
+        )
+        for optimizer, studied in trials.items()
+        for t in studied
+        if t.state == TrialState.FAIL and "phase" in t.user_attrs
+    ]
 
 
 def _optimizer_report(

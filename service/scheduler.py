@@ -2,25 +2,34 @@
 
 Every `scheduler_seconds` (and at once after a submit or cancel) it
 - reconciles: a running job whose driver is gone (our child exited, its pid vanished on this host, or its heartbeat
-  is older than `stale_seconds`) is queued again, so a new driver resumes it (finished trials are kept, trials left
-  RUNNING are re-run in place); after `max_driver_starts` starts it is failed instead, with a reason, and its
-  RUNNING trials are closed. A `cancelling` job whose driver is gone is closed as cancelled.
-- starts queued jobs, oldest first, while fewer than `max_concurrent_jobs` run: one driver process per job,
-  `python -m service.worker JOB_ID`, in its own session so it survives the API process.
+  is older than `stale_seconds` by the database's clock) is queued again, so a new driver resumes it (finished trials
+  are kept, trials left RUNNING are re-run in place); after `max_driver_starts` starts it is failed instead, with a
+  reason, and its RUNNING trials are closed. A `cancelling` job whose driver is gone is closed as cancelled. A silent
+  driver that is in fact alive (paused, say) is killed when it runs on this host (a paused process may hold the
+  database's lock, and it holds the machine's resources); wherever it runs, it cannot interfere: the new driver's start
+  took a new generation, and the old one's next write is refused, so it exits (see worker.py).
+- starts queued jobs while fewer than `max_concurrent_jobs` run, owners taking turns (the owner whose most recent start
+  is oldest goes first; see Store.claim_next): one driver process per job, `python -P -m service.worker JOB_ID
+  GENERATION`, in its own session (so it survives the API process) and in an empty working directory of its own.
+- removes the scratch of ended jobs (Tune's directory with the trials' checkpoints, the drivers' working directories)
+  once `keep_scratch_seconds` have passed (a driver removes its own at once when that is 0).
 
-All decisions are conditional UPDATEs in the database, so several API processes can run a scheduler each.
+All decisions are conditional UPDATEs in the database, and a claim checks the cap under a lock in the same
+transaction, so several API processes (`koala serve --workers N`, replicas) can run a scheduler each.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from datetime import timedelta
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -28,9 +37,32 @@ from optuna.trial import TrialState
 
 from service.recorder import close_running
 from service.settings import Settings
-from service.store import ACTIVE_STATES, JobRow, Store, now
+from service.store import ACTIVE_STATES, JobRow, Store
 
 log = logging.getLogger(__name__)
+SWEEP_SECONDS = 5.0  # how often ended jobs' scratch is looked for
+
+
+def scratch_dir(settings: Settings, job_id: str) -> Path:
+    """Tune's directory of a job (its drivers' experiments, with the trials' checkpoints)."""
+    return settings.data_dir / "tune" / job_id
+
+
+def driver_dir(settings: Settings, job_id: str) -> Path:
+    """Where the working directories of a job's drivers are (one per start)."""
+    return settings.data_dir / "drivers" / job_id
+
+
+def remove_scratch(settings: Settings, job_id: str) -> None:
+    """Delete what an ended job kept on disk while it ran; its report needs none of it (it is in the studies)."""
+    for path in (scratch_dir(settings, job_id), driver_dir(settings, job_id)):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class _Child:
+    process: subprocess.Popen[bytes]
+    generation: int
 
 
 class Scheduler:
@@ -39,11 +71,12 @@ class Scheduler:
         self.storage = storage
         self.settings = settings
         self.host = socket.gethostname()
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.children: dict[str, _Child] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._tick_lock = threading.Lock()
+        self._swept_at = 0.0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="koala-scheduler", daemon=True)
@@ -62,8 +95,8 @@ class Scheduler:
     def signal_cancel(self, job_id: str) -> None:
         """Tell our own driver of a cancelled job at once (others notice `cancelling` at their next heartbeat)."""
         child = self.children.get(job_id)
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        if child is not None and child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -79,73 +112,151 @@ class Scheduler:
             self._reap()
             self.reconcile()
             self._start_queued()
+            if time.monotonic() - self._swept_at >= SWEEP_SECONDS:
+                self._swept_at = time.monotonic()
+                self.sweep_scratch()
 
     # ---- reconciling -----------------------------------------------------------------------------------------------
 
     def reconcile(self) -> None:
+        silent = self.store.silent_jobs(self.settings.stale_seconds)  # judged by the database's clock
         for job in self.store.jobs_in(ACTIVE_STATES):
-            if not self._driver_alive(job):
-                self._recover(job)
+            if not self._driver_alive(job, job.id in silent):
+                self._recover(job, silent=job.id in silent)
 
-    def _driver_alive(self, job: JobRow) -> bool:
+    def _driver_alive(self, job: JobRow, silent: bool) -> bool:
+        """Whether the job's current driver is alive: not if it exited or its pid vanished (where we can tell), nor if
+        it has been silent too long, even when its process exists (paused, hung: it is replaced, and fenced off)."""
         child = self.children.get(job.id)
-        if child is not None:
-            return child.poll() is None
+        if child is not None and child.generation == job.generation and child.process.poll() is not None:
+            return False
         if job.driver_host == self.host and job.driver_pid is not None and not _is_driver(job.driver_pid, job.id):
             return False
-        beat = job.heartbeat_at
-        return beat is not None and now() - beat < timedelta(seconds=self.settings.stale_seconds)
+        return not silent
 
-    def _recover(self, job: JobRow) -> None:
-        self.children.pop(job.id, None)
+    def _recover(self, job: JobRow, *, silent: bool) -> None:
+        """The job's driver is gone: resume the job, or end it. Each step is conditional on the generation seen, so
+        a scheduler with a stale view never undoes a newer driver's start."""
+        child = self.children.pop(job.id, None)
+        if silent:
+            self._kill_silent_driver(job, child)
         if job.state == "cancelling":
-            close_running(self.storage, job.id, "cancelled", TrialState.PRUNED)
-            self.store.finish(job.id, "cancelled")
-            log.warning("job %s: driver gone while cancelling; closed as cancelled", job.id)
+            if self.store.finish(job.id, "cancelled", generation=job.generation):
+                close_running(self.storage, job.id, "cancelled", TrialState.PRUNED)
+                self._ended(job.id)
+                log.warning("job %s: driver gone while cancelling; closed as cancelled", job.id)
         elif job.attempts >= self.settings.max_driver_starts:
             reason = f"its driver died {job.attempts} times; giving up"
-            closed = close_running(self.storage, job.id, f"job failed: {reason}", TrialState.FAIL)
-            self.store.finish(job.id, "failed", reason)
-            log.error("job %s failed: %s (%d trials closed)", job.id, reason, closed)
-        elif self.store.requeue(job.id, "its driver died; resuming"):
-            log.warning("job %s: driver died; queued to resume", job.id)
+            if self.store.finish(job.id, "failed", reason, generation=job.generation):
+                closed = close_running(self.storage, job.id, f"job failed: {reason}", TrialState.FAIL)
+                self._ended(job.id)
+                log.error("job %s failed: %s (%d trials closed)", job.id, reason, closed)
+        else:
+            if silent:
+                reason = f"its driver stopped answering (no heartbeat for {self.settings.stale_seconds:g} s); resuming"
+            else:
+                reason = "its driver died; resuming"
+            stale = self.settings.stale_seconds if silent else None
+            if self.store.requeue(job.id, reason, generation=job.generation, silent_for=stale):
+                log.warning("job %s: %s", job.id, reason)
+
+    def _kill_silent_driver(self, job: JobRow, child: _Child | None) -> None:
+        """Kill the silent driver of `job` (with its process group: the local Ray it started) if it runs here."""
+        if child is not None and child.generation == job.generation and child.process.poll() is None:
+            pid = child.process.pid
+        elif job.driver_host == self.host and job.driver_pid is not None and _is_driver(job.driver_pid, job.id):
+            pid = job.driver_pid
+        else:
+            return  # elsewhere (or gone): fencing keeps it from writing if it ever resumes
+        try:
+            if os.getpgid(pid) == pid:  # it leads its own process group, as we start it
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        log.warning("job %s: killed its silent driver (pid %d)", job.id, pid)
 
     def _reap(self) -> None:
         for job_id, child in list(self.children.items()):
-            if child.poll() is not None:
+            if child.process.poll() is not None:
                 del self.children[job_id]
                 job = self.store.get_job(job_id)
-                if job is not None and job.state in ACTIVE_STATES:
-                    self._recover(job)
+                if job is not None and job.state in ACTIVE_STATES and job.generation == child.generation:
+                    self._recover(job, silent=False)
 
     # ---- starting --------------------------------------------------------------------------------------------------
 
     def _start_queued(self) -> None:
-        active = len(self.store.jobs_in(ACTIVE_STATES))
-        for job in self.store.jobs_in(["queued"]):
-            if active >= self.settings.max_concurrent_jobs:
+        # Set where the operator caps the jobs one API token runs at once (ownerless jobs are not capped).
+        per_owner: int | None = getattr(self.settings, "max_running_jobs_per_owner", None)
+        while not self._stopping.is_set():
+            claimed = self.store.claim_next(self.host, self.settings.max_concurrent_jobs, per_owner)
+            if claimed is None:
                 return
-            if self.store.claim(job.id, self.host):
-                self._spawn(job.id)
-                active += 1
+            job_id, generation = claimed
+            try:
+                self._spawn(job_id, generation)
+            except OSError as error:
+                log.exception("job %s: could not start its driver", job_id)
+                self.store.finish(job_id, "failed", f"its driver could not be started: {error}", generation=generation)
 
-    def _spawn(self, job_id: str) -> None:
+    def _spawn(self, job_id: str, generation: int) -> None:
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        # An empty working directory of its own, not on sys.path (-P): a file where the server was started (an
+        # `optuna.py`, say) cannot shadow a module the driver imports.
+        workdir = driver_dir(self.settings, job_id) / f"g{generation}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
         env = {**os.environ, **self.settings.environment()}
+        pythonpath = _driver_pythonpath(env.get("PYTHONPATH"))
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
+        else:
+            env.pop("PYTHONPATH", None)
         with open(logs / f"{job_id}.log", "ab") as output:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "service.worker", job_id],
+            process = subprocess.Popen(
+                [sys.executable, "-P", "-m", "service.worker", job_id, str(generation)],
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=Path.cwd(),
+                cwd=workdir,
                 start_new_session=True,  # its own process group: survives the API, and the API's Ctrl-C
             )
-        self.children[job_id] = child
-        self.store.set_driver(job_id, child.pid, self.host)
-        log.info("job %s: driver started (pid %d)", job_id, child.pid)
+        self.children[job_id] = _Child(process, generation)
+        self.store.set_driver(job_id, process.pid, self.host, generation=generation)
+        log.info("job %s: driver started (pid %d, generation %d)", job_id, process.pid, generation)
+
+    # ---- disk ------------------------------------------------------------------------------------------------------
+
+    def sweep_scratch(self) -> None:
+        """Remove the scratch of jobs that ended at least `keep_scratch_seconds` ago."""
+        found = set()
+        for base in (self.settings.data_dir / "tune", self.settings.data_dir / "drivers"):
+            if base.is_dir():
+                found |= {path.name for path in base.iterdir() if path.is_dir()}
+        for job_id in self.store.ended_before(sorted(found), self.settings.keep_scratch_seconds):
+            remove_scratch(self.settings, job_id)
+            log.info("job %s: scratch removed", job_id)
+
+    def _ended(self, job_id: str) -> None:
+        if self.settings.keep_scratch_seconds <= 0:
+            remove_scratch(self.settings, job_id)
+
+
+def _driver_pythonpath(inherited: str | None) -> str:
+    """PYTHONPATH for a driver: the inherited entries made absolute (the driver runs in another directory), and the
+    directory this code is imported from when only the server's working directory provided it (a source checkout
+    run in place; an installed package is found without it)."""
+    entries = [os.path.abspath(entry) for entry in (inherited or "").split(os.pathsep) if entry]
+    root = os.path.realpath(Path(__file__).resolve().parent.parent)
+    cwd = os.path.realpath(os.getcwd())
+    found = {os.path.realpath(p) for p in [*sys.path, *entries] if p} - {cwd}
+    if root not in found:
+        entries.insert(0, root)
+    return os.pathsep.join(entries)
 
 
 def _is_driver(pid: int, job_id: str) -> bool:

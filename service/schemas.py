@@ -159,6 +159,16 @@ class HpoCost(BaseModel):
     ratio_lower_bound: float | None  # when not matched: all tuning compute / koala_seconds_per_run
 
 
+class FailedTrial(BaseModel):
+    """A trial that ended FAIL, and why (diverged, time limit, the error it raised, ...)."""
+
+    optimizer: str
+    phase: Literal["tune", "eval"]
+    seed: int
+    number: int  # the trial's number in its optimizer's study
+    reason: str
+
+
 class Report(BaseModel):
     job_id: str
     metric: str
@@ -167,3 +177,4 @@ class Report(BaseModel):
     optimizers: list[OptimizerReport]
     ranking: list[str]
     hpo_cost: list[HpoCost]
+    failed_trials: list[FailedTrial] = Field(default_factory=list)

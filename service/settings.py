@@ -29,6 +29,19 @@ class Settings(BaseSettings):
     stale_seconds: float = Field(default=30.0, gt=0, description="A driver silent this long is taken for dead")
     scheduler_seconds: float = Field(default=1.0, gt=0, description="Scheduler and reconciler period")
     max_driver_starts: int = Field(default=3, ge=1, description="Driver starts per job before it is failed")
+    # ---- what one job may take: time, disk, patience with a busy database ----
+    max_trial_seconds: float = Field(
+        default=6 * 3600.0, gt=0, description="Wall-clock seconds a trial may run (a JobSpec may ask for less)"
+    )
+    max_job_seconds: float = Field(
+        default=72 * 3600.0, gt=0, description="Wall-clock seconds a job may run from its start (a JobSpec: less)"
+    )
+    keep_scratch_seconds: float = Field(
+        default=0.0, ge=0, description="Keep an ended job's Tune scratch and checkpoints this long (0: delete at once)"
+    )
+    db_retry_seconds: float = Field(
+        default=120.0, gt=0, description="How long a driver retries a write through a busy or unreachable database"
+    )
     limits: Limits = Field(default_factory=Limits)
     optuna_dashboard_url: str | None = Field(default=None, description="Where optuna-dashboard serves this database")
 
@@ -45,6 +58,11 @@ class Settings(BaseSettings):
             "KOALA_DATA_DIR": str(self.data_dir),
             "KOALA_DATABASE_URL": self.database_url,
             "KOALA_HEARTBEAT_SECONDS": str(self.heartbeat_seconds),
+            "KOALA_STALE_SECONDS": str(self.stale_seconds),
+            "KOALA_MAX_TRIAL_SECONDS": str(self.max_trial_seconds),
+            "KOALA_MAX_JOB_SECONDS": str(self.max_job_seconds),
+            "KOALA_KEEP_SCRATCH_SECONDS": str(self.keep_scratch_seconds),
+            "KOALA_DB_RETRY_SECONDS": str(self.db_retry_seconds),
         }
         for key, value in self.limits.model_dump().items():
             env[f"KOALA_LIMITS__{key.upper()}"] = str(value)

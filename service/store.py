@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ sessions = sa.Table(
 
 ACTIVE_STATES = ("running", "cancelling")
 VERSION_TABLE = "koala_schema_version"
+CLAIM_LOCK = 0x6B6F616C61  # PostgreSQL advisory lock key ("koala") that serialises job claims
 
 
 class IdempotencyConflictError(Exception):
@@ -105,6 +107,10 @@ class IdempotencyConflictError(Exception):
 
 class BadCursorError(ValueError):
     pass
+
+
+class FencedError(Exception):
+    """A driver's write was refused: the job is no longer its own (another driver took over, or the job ended)."""
 
 
 def now() -> datetime:
@@ -320,6 +326,37 @@ class Store:
             query = sa.select(jobs).where(jobs.c.state.in_(list(states))).order_by(jobs.c.created_at, jobs.c.id)
             return [JobRow.from_row(r) for r in db.execute(query)]
 
+    # Time is the database's: heartbeats are written, and staleness judged, by one clock whatever host a driver or
+    # scheduler runs on.
+
+    def _db_now(self, offset_seconds: float = 0.0) -> sa.ColumnElement[Any]:
+        """The database's current time plus `offset_seconds`, as an SQL expression."""
+        if self.engine.dialect.name == "sqlite":
+            # SQLite has no datetime type: this is the text form SQLAlchemy stores, so comparisons with stored values
+            # are exact (to the millisecond).
+            return sa.func.strftime("%Y-%m-%d %H:%M:%f000", "now", f"{offset_seconds:+.3f} seconds")
+        current = sa.func.now()
+        if not offset_seconds:
+            return current
+        return current + sa.literal(timedelta(seconds=offset_seconds), sa.Interval())
+
+    def db_now(self) -> datetime:
+        """The database's current time (UTC)."""
+        with self.engine.connect() as db:
+            value = db.execute(sa.select(sa.type_coerce(self._db_now(), sa.DateTime(timezone=True)))).scalar_one()
+        aware = _aware(value)
+        assert aware is not None
+        return aware
+
+    def silent_jobs(self, stale_seconds: float) -> set[str]:
+        """Active jobs whose driver has not written a heartbeat for `stale_seconds` by the database's clock."""
+        query = sa.select(jobs.c.id).where(jobs.c.state.in_(ACTIVE_STATES), self._silent(stale_seconds))
+        with self.engine.connect() as db:
+            return set(db.execute(query).scalars())
+
+    def _silent(self, stale_seconds: float) -> sa.ColumnElement[bool]:
+        return sa.or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < self._db_now(-stale_seconds))
+
     def _transition(
         self,
         db: Connection,
@@ -327,14 +364,17 @@ class Store:
         from_states: Sequence[str],
         to_state: str,
         reason: str | None = None,
+        *,
+        at_generation: int | None = None,
+        conditions: Sequence[sa.ColumnElement[bool]] = (),
         **values: Any,
     ) -> bool:
-        """Move the job to `to_state` if it is in one of `from_states`, with a `state` event; False otherwise."""
-        result = db.execute(
-            jobs.update()
-            .where(jobs.c.id == job_id, jobs.c.state.in_(list(from_states)))
-            .values(state=to_state, **values)
-        )
+        """Move the job to `to_state` if it is in one of `from_states` (and still at `at_generation`, if given), with
+        a `state` event; False otherwise."""
+        where = [jobs.c.id == job_id, jobs.c.state.in_(list(from_states)), *conditions]
+        if at_generation is not None:
+            where.append(jobs.c.generation == at_generation)
+        result = db.execute(jobs.update().where(*where).values(state=to_state, **values))
         changed = result.rowcount == 1
         if changed:
             data = {"state": to_state}
@@ -345,67 +385,204 @@ class Store:
             self._event(db, job_id, "state", data)
         return changed
 
-    def claim(self, job_id: str, host: str) -> bool:
-        """queued -> running for the scheduler that wins the race; counts a driver start."""
-        with self.engine.begin() as db:
-            claimed = self._transition(
-                db,
-                job_id,
-                ["queued"],
-                "running",
-                attempts=jobs.c.attempts + 1,
-                heartbeat_at=now(),
-                driver_pid=None,
-                driver_host=host,
-                started_at=sa.func.coalesce(jobs.c.started_at, now()),
-            )
-        return claimed
+    # ---- claiming: one job per driver start, never more active jobs than the cap ----------------------------------
 
-    def set_driver(self, job_id: str, pid: int, host: str) -> None:
-        with self.engine.begin() as db:
-            db.execute(
-                jobs.update().where(jobs.c.id == job_id).values(driver_pid=pid, driver_host=host, heartbeat_at=now())
-            )
+    @contextlib.contextmanager
+    def _serialized(self) -> Iterator[Connection]:
+        """A transaction holding the claim lock, so claims (which count the active jobs) happen one at a time across
+        every process: SQLite's write lock from BEGIN IMMEDIATE on; on PostgreSQL a transaction-scoped advisory lock
+        (under READ COMMITTED each statement then sees every claim committed before it)."""
+        with self.engine.connect() as db:
+            if db.dialect.name == "sqlite":
+                db.exec_driver_sql("BEGIN IMMEDIATE")
+            elif db.dialect.name == "postgresql":
+                db.execute(sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK)))
+            yield db
+            db.commit()
 
-    def heartbeat(self, job_id: str) -> str | None:
-        """Record that the driver is alive; returns the job's state (a driver stops when it reads `cancelling`)."""
+    def claim(self, job_id: str, host: str, *, max_active: int | None = None) -> int | None:
+        """queued -> running for the scheduler that wins the race (and, with `max_active`, only while fewer jobs
+        are running or cancelling). Counts a driver start and takes the job's next generation, which it returns;
+        None when the job was not claimed."""
+        with self._serialized() as db:
+            return self._claim(db, job_id, host, max_active)
+
+    def claim_next(self, host: str, max_active: int, max_active_per_owner: int | None = None) -> tuple[str, int] | None:
+        """Claim the next queued job, if fewer than `max_active` jobs are active: returns (job id, generation).
+
+        Owners take turns: the next job is the oldest queued one of the owner whose most recent start is oldest (an
+        owner with no start yet first; ownerless jobs are one owner), so one owner's queue cannot starve another's.
+        With `max_active_per_owner`, an owner (API token) with that many active jobs waits; ownerless jobs (open mode)
+        are capped by `max_active` alone."""
+        earlier = jobs.alias("earlier")
+        last_start = (
+            sa.select(sa.func.max(earlier.c.started_at))
+            .where(earlier.c.owner.is_not_distinct_from(jobs.c.owner))
+            .scalar_subquery()
+        )
+        query = sa.select(jobs.c.id).where(jobs.c.state == "queued")
+        if max_active_per_owner is not None:
+            mine = jobs.alias("mine")
+            owner_active = (
+                sa.select(sa.func.count())
+                .select_from(mine)
+                .where(mine.c.owner.is_not_distinct_from(jobs.c.owner), mine.c.state.in_(ACTIVE_STATES))
+                .scalar_subquery()
+            )
+            query = query.where(sa.or_(jobs.c.owner.is_(None), owner_active < max_active_per_owner))
+        query = query.order_by(last_start.asc().nulls_first(), jobs.c.created_at, jobs.c.id).limit(1)
+        with self.engine.connect() as db:  # nothing to claim: no need for the lock (SQLite's is the write lock)
+            if db.execute(query).first() is None or len(self._active(db)) >= max_active:
+                return None
+        with self._serialized() as db:
+            job_id = db.execute(query).scalar()
+            if job_id is None:
+                return None
+            generation = self._claim(db, job_id, host, max_active)
+            return (job_id, generation) if generation is not None else None
+
+    @staticmethod
+    def _active(db: Connection) -> list[str]:
+        return list(db.execute(sa.select(jobs.c.id).where(jobs.c.state.in_(ACTIVE_STATES))).scalars())
+
+    def _claim(self, db: Connection, job_id: str, host: str, max_active: int | None) -> int | None:
+        conditions = []
+        if max_active is not None:  # the cap, checked by the update itself (under the claim lock)
+            others = jobs.alias("others")
+            active = (
+                sa.select(sa.func.count())
+                .select_from(others)
+                .where(others.c.state.in_(ACTIVE_STATES))
+                .scalar_subquery()
+            )
+            conditions.append(active < max_active)
+        started = self._db_now()
+        claimed = self._transition(
+            db,
+            job_id,
+            ["queued"],
+            "running",
+            conditions=conditions,
+            attempts=jobs.c.attempts + 1,
+            generation=jobs.c.generation + 1,
+            heartbeat_at=started,
+            driver_pid=None,
+            driver_host=host,
+            started_at=sa.func.coalesce(jobs.c.started_at, started),
+        )
+        if not claimed:
+            return None
+        return int(db.execute(sa.select(jobs.c.generation).where(jobs.c.id == job_id)).scalar_one())
+
+    # ---- a driver's writes: each conditional on its generation (fencing) ------------------------------------------
+
+    def _fenced_update(self, db: Connection, job_id: str, generation: int | None, **values: Any) -> None:
+        """UPDATE the job's row as its driver of `generation`; FencedError when the job is no longer that driver's
+        (another driver took over, or the job left running/cancelling). Without a generation, unconditional."""
+        where = [jobs.c.id == job_id]
+        if generation is not None:
+            where += [jobs.c.generation == generation, jobs.c.state.in_(ACTIVE_STATES)]
+        # With nothing to set, a no-op update still takes the row's write lock until the transaction ends.
+        result = db.execute(jobs.update().where(*where).values(**(values or {"generation": jobs.c.generation})))
+        if result.rowcount != 1 and generation is not None:
+            row = db.execute(sa.select(jobs.c.state, jobs.c.generation).where(jobs.c.id == job_id)).first()
+            now_is = f"generation {row.generation}, {row.state}" if row is not None else "gone"
+            raise FencedError(f"job {job_id} is no longer this driver's (generation {generation}): now {now_is}")
+
+    def check_driver(self, job_id: str, generation: int) -> None:
+        """Raise FencedError unless `generation` is the job's current driver and the job is running or cancelling."""
+        query = sa.select(jobs.c.state, jobs.c.generation).where(jobs.c.id == job_id)
+        with self.engine.connect() as db:
+            row = db.execute(query).first()
+        if row is None or row.generation != generation or row.state not in ACTIVE_STATES:
+            now_is = f"generation {row.generation}, {row.state}" if row is not None else "gone"
+            raise FencedError(f"job {job_id} is no longer this driver's (generation {generation}): now {now_is}")
+
+    def set_driver(self, job_id: str, pid: int, host: str, *, generation: int | None = None) -> bool:
+        """Record the driver process of the job's current start (of `generation`, if given)."""
+        where = [jobs.c.id == job_id]
+        if generation is not None:
+            where.append(jobs.c.generation == generation)
         with self.engine.begin() as db:
-            db.execute(jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=now()))
+            result = db.execute(
+                jobs.update().where(*where).values(driver_pid=pid, driver_host=host, heartbeat_at=self._db_now())
+            )
+        return result.rowcount == 1
+
+    def heartbeat(self, job_id: str, generation: int | None = None) -> str | None:
+        """Record that the driver is alive; returns the job's state (a driver stops when it reads `cancelling`).
+        With `generation`: FencedError when the job is no longer that driver's."""
+        with self.engine.begin() as db:
+            self._fenced_update(db, job_id, generation, heartbeat_at=self._db_now())
             return db.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
 
     def request_cancel(self, job_id: str) -> JobRow | None:
         """Idempotent: queued -> cancelled at once, running -> cancelling (the driver stops and ends it)."""
         with self.engine.begin() as db:
-            if not self._transition(db, job_id, ["queued"], "cancelled", finished_at=now()):
+            if not self._transition(db, job_id, ["queued"], "cancelled", finished_at=self._db_now()):
                 self._transition(db, job_id, ["running"], "cancelling")
         return self.get_job(job_id)
 
-    def finish(self, job_id: str, state: str, error: str | None = None) -> bool:
-        """running/cancelling -> succeeded, failed or cancelled (a cancel request wins over success)."""
+    def finish(self, job_id: str, state: str, error: str | None = None, *, generation: int | None = None) -> bool:
+        """running/cancelling -> succeeded, failed or cancelled (a cancel request wins over success). With
+        `generation`, only while the job is still at that generation (its driver's, or the one a reconciler saw)."""
         with self.engine.begin() as db:
             current = db.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
             if current == "cancelling" and state == "succeeded":
                 state = "cancelled"
-            return self._transition(db, job_id, ACTIVE_STATES, state, error=error, finished_at=now())
-
-    def requeue(self, job_id: str, reason: str) -> bool:
-        """running -> queued, to resume a job whose driver died."""
-        with self.engine.begin() as db:
-            return self._transition(db, job_id, ["running"], "queued", reason, driver_pid=None, heartbeat_at=None)
-
-    def set_progress(self, job_id: str, progress: Mapping[str, Mapping[str, int]]) -> None:
-        with self.engine.begin() as db:
-            db.execute(
-                jobs.update().where(jobs.c.id == job_id).values(progress={k: dict(v) for k, v in progress.items()})
+            return self._transition(
+                db, job_id, ACTIVE_STATES, state, at_generation=generation, error=error, finished_at=self._db_now()
             )
+
+    def requeue(
+        self, job_id: str, reason: str, *, generation: int | None = None, silent_for: float | None = None
+    ) -> bool:
+        """running -> queued, to resume a job whose driver died: only while the job is at `generation` (if given) and
+        its driver has been silent for `silent_for` seconds (if given), so a stale view never requeues a newer
+        driver's job."""
+        conditions = [self._silent(silent_for)] if silent_for is not None else []
+        with self.engine.begin() as db:
+            return self._transition(
+                db,
+                job_id,
+                ["running"],
+                "queued",
+                reason,
+                at_generation=generation,
+                conditions=conditions,
+                driver_pid=None,
+                heartbeat_at=None,
+            )
+
+    def set_progress(
+        self, job_id: str, progress: Mapping[str, Mapping[str, int]], *, generation: int | None = None
+    ) -> None:
+        with self.engine.begin() as db:
+            self._fenced_update(db, job_id, generation, progress={k: dict(v) for k, v in progress.items()})
+
+    def ended_before(self, job_ids: Sequence[str], seconds: float) -> set[str]:
+        """Those of `job_ids` that ended (succeeded, failed, cancelled) at least `seconds` ago by the database's
+        clock."""
+        if not job_ids:
+            return set()
+        query = sa.select(jobs.c.id).where(
+            jobs.c.id.in_(list(job_ids)),
+            jobs.c.state.in_(list(schemas.TERMINAL_STATES)),
+            sa.or_(jobs.c.finished_at.is_(None), jobs.c.finished_at <= self._db_now(-seconds)),
+        )
+        with self.engine.connect() as db:
+            return set(db.execute(query).scalars())
 
     # ---- events ----------------------------------------------------------------------------------------------------
 
     def _event(self, db: Connection, job_id: str, kind: str, data: Mapping[str, Any]) -> None:
         db.execute(events.insert().values(job_id=job_id, at=now(), kind=kind, data=dict(data)))
 
-    def add_event(self, job_id: str, kind: str, data: Mapping[str, Any]) -> None:
+    def add_event(self, job_id: str, kind: str, data: Mapping[str, Any], *, generation: int | None = None) -> None:
+        """Append an event; with `generation`, as that driver of the job (FencedError when it no longer is)."""
         with self.engine.begin() as db:
+            if generation is not None:
+                self._fenced_update(db, job_id, generation)
             self._event(db, job_id, kind, data)
 
     def events_after(self, job_id: str, after: int = 0, limit: int = 500) -> list[schemas.Event]:

@@ -112,12 +112,15 @@ def kill_drivers(database_url: str) -> None:
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[Any]:
-    """Start servers on a fresh data directory: `server_factory(database_url=None, env=None, **KOALA_settings)`;
-    all stopped afterwards. `env` adds variables to the server's environment (which inherits its drivers), e.g.
-    RAY_ADDRESS of a cluster; otherwise RAY_ADDRESS is removed, so each job starts a local Ray."""
+    """Start servers on a fresh data directory: `server_factory(database_url=None, env=None, cwd=None,
+    **KOALA_settings)`; all stopped afterwards. `env` adds variables to the server's environment (which inherits its
+    drivers), e.g. RAY_ADDRESS of a cluster; otherwise RAY_ADDRESS is removed, so each job starts a local Ray. `cwd`:
+    the server's working directory (default: the test's)."""
     started: list[LiveServer] = []
 
-    def start(database_url: str | None = None, env: Mapping[str, str] | None = None, **settings: Any) -> LiveServer:
+    def start(
+        database_url: str | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None, **settings: Any
+    ) -> LiveServer:
         data_dir = tmp_path / f"koala-{len(started)}"
         data_dir.mkdir()
         environment = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "RAY_ADDRESS"))}
@@ -126,7 +129,7 @@ def server_factory(tmp_path: Path) -> Iterator[Any]:
         environment["KOALA_SCHEDULER_SECONDS"] = "0.5"
         environment.update({f"KOALA_{key.upper()}": str(value) for key, value in settings.items()})
         environment.update(env or {})
-        server = LiveServer(data_dir, environment)
+        server = LiveServer(data_dir, environment, cwd=cwd)
         started.append(server)
         return server.start()
 

@@ -172,7 +172,7 @@ def claim_concurrently(stores: list[Store], job_id: str) -> list[bool]:
 
     def claim(db: Store, host: str) -> None:
         barrier.wait()
-        wins.append(db.claim(job_id, host))
+        wins.append(db.claim(job_id, host) is not None)
 
     threads = [threading.Thread(target=claim, args=(db, f"h{i}")) for i, db in enumerate(stores)]
     for thread in threads:

@@ -1,0 +1,592 @@
+"""A job driver on a shared cluster: never doubled (fencing), patient with a busy database, bounded in time, honest
+about failed trials, tidy on disk, immune to files where the server was started, and fair between owners.
+
+The service cases run a real `koala serve` (its drivers on a real local Ray each) or `koala run`; the scheduler and
+retry cases use the scheduler, the store and the recorder directly on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import optuna
+import pytest
+import sqlalchemy as sa
+import yaml
+from optuna.trial import TrialState
+
+from service.jobspec import JobSpec
+from service.recorder import GuardedStorage, Recorder, job_study_names, storage_for
+from service.retry import DatabaseUnavailableError, is_transient, retry
+from service.scheduler import Scheduler
+from service.settings import Settings
+from service.store import FencedError, Store
+from tests.conftest import LiveServer
+from tests.test_service import (
+    LONGER_DIGITS,
+    Factory,
+    assert_each_planned_trial_once,
+    driver_pid,
+    studies_trials,
+    tiny_spec,
+    wait_for,
+)
+
+ENDED = {"succeeded", "failed", "cancelled"}
+pytest_slow = pytest.mark.slow
+
+
+def job_row(server: LiveServer, job_id: str) -> Any:
+    store = Store(server.database_url)
+    try:
+        return store.get_job(job_id)
+    finally:
+        store.close()
+
+
+def process_gone(pid: int) -> bool:
+    """Whether `pid` has exited (a zombie waiting for its parent counts as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def state_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    text = client.get(f"/v1/jobs/{job_id}/events").text
+    events = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+    return [e["data"] for e in events if e["kind"] == "state"]
+
+
+def scratch_paths(server: LiveServer, job_id: str) -> list[Path]:
+    return [server.data_dir / "tune" / job_id, server.data_dir / "drivers" / job_id]
+
+
+def wait_until(condition: Any, timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.2)
+
+
+# ---- 1. fencing: a paused driver taken for dead never doubles its replacement -----------------------------------
+
+
+def start_and_pause(server: LiveServer, spec: dict[str, Any]) -> tuple[str, int]:
+    """Submit `spec`, wait until a trial has finished, and SIGSTOP the job's driver: alive, but silent. Returns the
+    job id and the paused driver's pid."""
+    with server.client() as client:
+        job = client.post("/v1/jobs", json=spec).json()
+        wait_for(client, job["id"], {"running"})
+        wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["trials_done"] >= 1, 240, "no trial finished")
+    pid = driver_pid(server, job["id"])
+    os.kill(pid, signal.SIGSTOP)
+    return job["id"], pid
+
+
+def wait_for_replacement(server: LiveServer, job_id: str, old: int) -> None:
+    wait_until(lambda: job_row(server, job_id).generation == 2, 90, "the paused driver was not replaced")
+    wait_until(lambda: job_row(server, job_id).driver_pid not in (None, old), 30, "no new driver")
+
+
+def release(pid: int) -> None:
+    """Resume `pid` if it is still there, and kill it (with its process group) if it does not exit on its own."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGCONT)
+    if not process_gone(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def assert_resumed_once(server: LiveServer, job_id: str, spec: dict[str, Any]) -> None:
+    with server.client() as client:
+        done = wait_for(client, job_id, ENDED)
+        assert done["state"] == "succeeded", done
+        assert done["attempts"] == 2
+        assert done["trials_done"] == done["trials_total"] == 8
+        trials = client.get(f"/v1/jobs/{job_id}/trials").json()
+        assert all(t["state"] == "complete" for t in trials)
+        reasons = [e.get("reason", "") for e in state_events(client, job_id) if e["state"] == "queued"]
+        assert any("stopped answering" in reason for reason in reasons), reasons
+    assert_each_planned_trial_once(server.database_url, job_id, spec)
+
+
+@pytest_slow
+def test_a_paused_driver_on_this_host_is_replaced_and_killed(server_factory: Factory) -> None:
+    """Its scheduler takes a silent driver for dead even though the process exists, replaces it, and kills it (a
+    paused process may hold SQLite's lock, and it holds the machine's resources)."""
+    server = server_factory(stale_seconds=5, heartbeat_seconds=1)
+    spec = tiny_spec(epochs=15, seeds=2, workload_config=LONGER_DIGITS)
+    job_id, old = start_and_pause(server, spec)
+    try:
+        wait_for_replacement(server, job_id, old)
+        wait_until(lambda: process_gone(old), 30, "the silent driver was not stopped")
+    finally:
+        release(old)
+    assert_resumed_once(server, job_id, spec)
+    assert f"killed its silent driver (pid {old})" in server.log_text()
+
+
+@pytest_slow
+@pytest.mark.postgres
+def test_a_paused_driver_elsewhere_is_fenced_off_when_it_resumes(postgres_url: str, server_factory: Factory) -> None:
+    """A driver the scheduler cannot reach (another host: here the API restarts and the job's row names another
+    host) is replaced once silent; when it resumes, its first write is refused and it exits without touching the job
+    or its trials."""
+    server = server_factory(database_url=postgres_url, stale_seconds=5, heartbeat_seconds=1)
+    spec = tiny_spec(epochs=15, seeds=2, workload_config=LONGER_DIGITS)
+    job_id, old = start_and_pause(server, spec)
+    try:
+        server.kill()
+        store = Store(server.database_url)
+        with store.engine.begin() as db:
+            db.execute(sa.text("UPDATE koala_jobs SET driver_host = 'another-host' WHERE id = :id"), {"id": job_id})
+        store.close()
+        server.start()
+        wait_for_replacement(server, job_id, old)
+        time.sleep(3)  # the new driver is at work on the job's trials
+        assert not process_gone(old)  # out of the scheduler's reach: only fencing stops it
+        os.kill(old, signal.SIGCONT)
+        wait_until(lambda: process_gone(old), 60, "the old driver did not stop after its writes were refused")
+    finally:
+        release(old)
+    assert_resumed_once(server, job_id, spec)
+    log = (server.data_dir / "logs" / f"{job_id}.log").read_text()
+    assert f"job {job_id} is no longer this driver's (generation 1): now generation 2" in log
+
+
+def test_a_drivers_writes_are_conditional_on_its_generation(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'koala.db'}"
+    store = Store(url)
+    store.migrate()
+    spec = JobSpec.parse({"workload": "digits-mlp", "seeds": 1, "optimizers": [{"name": "sgd"}]})
+    job, _ = store.create_job(spec.model_dump(), name="j", workload="digits-mlp", progress={})
+    first = store.claim(job.id, "h")
+    assert first == 1
+    assert store.heartbeat(job.id, first) == "running"
+    fence_calls = []
+
+    def fence() -> None:
+        fence_calls.append(1)
+        store.check_driver(job.id, 1)
+
+    recorder = Recorder(storage_for(url), job.id, spec, fence=fence)
+    opened = recorder.open(spec.optimizers[0], "eval", 0, {})
+    assert fence_calls
+
+    # The first driver is taken for dead and the job started again: the new start takes generation 2.
+    assert store.requeue(job.id, "its driver died; resuming", generation=1)
+    assert store.claim(job.id, "h") == 2
+    assert store.heartbeat(job.id, 2) == "running"
+    with pytest.raises(FencedError):
+        store.heartbeat(job.id, 1)
+    with pytest.raises(FencedError):
+        store.set_progress(job.id, {"sgd": {"done": 1, "total": 1}}, generation=1)
+    with pytest.raises(FencedError):
+        store.add_event(job.id, "trial", {"state": "running"}, generation=1)
+    assert not store.finish(job.id, "succeeded", generation=1)
+    assert not store.requeue(job.id, "a stale view", generation=1)  # a reconciler that saw generation 1
+    with pytest.raises(FencedError):
+        Recorder.report(opened, 1, 0.5)
+    with pytest.raises(FencedError):
+        Recorder.close(opened, TrialState.COMPLETE, value=0.5)
+    with pytest.raises(FencedError):
+        recorder.open(spec.optimizers[0], "eval", 0, {})
+    (trial,) = recorder.study("sgd").get_trials()
+    assert trial.state == TrialState.RUNNING  # untouched: the new driver adopts it
+    assert trial.intermediate_values == {}
+    current = store.get_job(job.id)
+    assert current is not None
+    assert (current.state, current.generation, current.progress) == ("running", 2, {})
+    assert store.finish(job.id, "succeeded", generation=2)
+    store.close()
+
+
+# ---- 2. a busy database: bounded retries, then a clear reason ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(database: Path, seconds: float) -> Iterator[None]:
+    """Hold SQLite's exclusive lock on `database` from another connection for `seconds` (in the background)."""
+    holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    released = threading.Timer(seconds, lambda: holder.execute("COMMIT"))
+    released.start()
+    try:
+        yield
+    finally:
+        released.join()
+        holder.close()
+
+
+def short_timeout_engine(database: Path) -> sa.engine.Engine:
+    return sa.create_engine(f"sqlite:///{database}", connect_args={"timeout": 0.05})
+
+
+def test_retry_waits_out_a_locked_sqlite_database(tmp_path: Path) -> None:
+    database = tmp_path / "busy.db"
+    engine = short_timeout_engine(database)
+    with engine.begin() as db:
+        db.exec_driver_sql("CREATE TABLE acknowledged (n INTEGER)")
+    attempts = 0
+
+    def write() -> None:
+        nonlocal attempts
+        attempts += 1
+        with engine.begin() as db:
+            db.exec_driver_sql("INSERT INTO acknowledged VALUES (1)")
+
+    with locked(database, 1.5):
+        started = time.monotonic()
+        retry(write, what="an acknowledged write", budget=30)
+        assert time.monotonic() - started >= 1.0
+    assert attempts > 1
+    with engine.connect() as db:
+        assert db.exec_driver_sql("SELECT count(*) FROM acknowledged").scalar() == 1
+
+
+def test_retry_gives_up_with_a_clear_reason_and_lets_other_errors_through(tmp_path: Path) -> None:
+    database = tmp_path / "busy.db"
+    engine = short_timeout_engine(database)
+    with engine.begin() as db:
+        db.exec_driver_sql("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+        db.exec_driver_sql("INSERT INTO t VALUES (1)")
+
+    def insert(n: int) -> None:
+        with engine.begin() as db:
+            db.exec_driver_sql(f"INSERT INTO t VALUES ({n})")
+
+    with locked(database, 3.0), pytest.raises(DatabaseUnavailableError) as gave_up:
+        retry(lambda: insert(2), what="recording a trial", budget=1.0)
+    message = str(gave_up.value)
+    assert "recording a trial" in message
+    assert "database is locked" in message
+    assert is_transient(gave_up.value.__cause__)  # type: ignore[arg-type]
+
+    calls = 0
+
+    def duplicate() -> None:
+        nonlocal calls
+        calls += 1
+        insert(1)
+
+    with pytest.raises(sa.exc.IntegrityError):
+        retry(duplicate, what="a duplicate", budget=30)
+    assert calls == 1  # not transient: raised at once
+
+
+def test_the_drivers_writes_survive_a_locked_database(tmp_path: Path) -> None:
+    """Our tables (heartbeat, progress, events) and the Optuna studies, written while another connection holds
+    SQLite's exclusive lock for longer than the connections' busy timeout."""
+    database = tmp_path / "koala.db"
+    url = f"sqlite:///{database}"
+    store = Store(url)
+    store.migrate()
+    store.engine = short_timeout_engine(database)  # fail fast on the lock instead of waiting in SQLite
+    spec = JobSpec.parse({"workload": "digits-mlp", "seeds": 1, "optimizers": [{"name": "sgd"}]})
+    job, _ = store.create_job(spec.model_dump(), name="j", workload="digits-mlp", progress={})
+    generation = store.claim(job.id, "h")
+    assert generation is not None
+    inner = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 0.05}})
+    storage = GuardedStorage(optuna.storages.get_storage(inner), lambda: store.check_driver(job.id, generation))
+    recorder = Recorder(storage, job.id, spec)
+    opened = recorder.open(spec.optimizers[0], "eval", 0, {})
+
+    def write(call: Any) -> Any:
+        return retry(call, what="a driver write", budget=30)
+
+    with locked(database, 1.5):
+        assert write(lambda: store.heartbeat(job.id, generation)) == "running"
+    with locked(database, 1.5):
+        write(lambda: store.set_progress(job.id, {"sgd": {"done": 1, "total": 1}}, generation=generation))
+        write(lambda: store.add_event(job.id, "epoch", {"epoch": 1}, generation=generation))
+    with locked(database, 1.5):
+        Recorder.report(opened, 1, 0.75)
+        Recorder.close(opened, TrialState.COMPLETE, value=0.75, attrs={"wall_seconds": 1.0})
+    (trial,) = recorder.study("sgd").get_trials()
+    assert (trial.state, trial.value, trial.intermediate_values) == (TrialState.COMPLETE, 0.75, {1: 0.75})
+    current = store.get_job(job.id)
+    assert current is not None
+    assert current.progress == {"sgd": {"done": 1, "total": 1}}
+    assert [e.kind for e in store.events_after(job.id)][-1] == "epoch"
+    store.close()
+    inner.engine.dispose()
+
+
+# ---- 3, 4, 5: time limits, failed trials, scratch -----------------------------------------------------------------
+
+
+@pytest_slow
+def test_a_trial_past_its_time_limit_fails_and_so_does_a_job_of_such_trials(server_factory: Factory) -> None:
+    server = server_factory(max_trial_seconds=3)
+    # Each trial needs about 20 s (200 epochs of the full digits MLP, reported one by one): stopped at a report.
+    epochs = tiny_spec(epochs=200, seeds=2, workload_config={}, optimizers=[{"name": "sgd", "params": {"lr": 0.05}}])
+    # Each epoch takes several seconds: stopped in the middle of its first epoch, before it reported anything.
+    stuck = tiny_spec(
+        workload="noisy-quadratic",
+        workload_config={"dimension": 20, "samples_per_epoch": 400_000},
+        epochs=3,
+        seeds=1,
+        optimizers=[{"name": "sgd", "params": {"lr": 0.01}}],
+    )
+    with server.client() as client:
+        jobs = [client.post("/v1/jobs", json=spec).json() for spec in (epochs, stuck)]
+        for job, count in zip(jobs, (2, 1), strict=True):
+            done = wait_for(client, job["id"], ENDED, timeout=180)
+            assert done["state"] == "failed", done
+            assert done["error"] == f"every trial failed ({count}: time limit {count})"
+            trials = client.get(f"/v1/jobs/{job['id']}/trials").json()
+            assert [(t["state"], t["reason"]) for t in trials] == [("fail", "time limit")] * count
+            assert all(t["wall_seconds"] > 0 for t in trials)  # the time it spent counts as compute
+            report = client.get(f"/v1/jobs/{job['id']}/results").json()
+            assert sorted((f["optimizer"], f["phase"], f["seed"], f["reason"]) for f in report["failed_trials"]) == [
+                ("sgd", "eval", seed, "time limit") for seed in range(count)
+            ]
+        assert all(t["epochs_done"] < 200 for t in client.get(f"/v1/jobs/{jobs[0]['id']}/trials").json())
+        (stopped,) = client.get(f"/v1/jobs/{jobs[1]['id']}/trials").json()
+        assert (stopped["epochs_done"], stopped["wall_seconds"] >= 3) == (0, True)
+    for job in jobs:
+        wait_until(lambda job=job: not any(p.exists() for p in scratch_paths(server, job["id"])), 15, "scratch left")
+
+
+@pytest_slow
+def test_a_job_past_its_time_limit_fails_and_its_scratch_is_kept_then_removed(server_factory: Factory) -> None:
+    server = server_factory(max_job_seconds=20, keep_scratch_seconds=6)
+    spec = tiny_spec(
+        epochs=200,
+        seeds=3,
+        max_concurrent_trials=1,
+        workload_config={},
+        optimizers=[{"name": "sgd", "params": {"lr": 0.05}}],
+    )
+    with server.client() as client:
+        job = client.post("/v1/jobs", json=spec).json()
+        done = wait_for(client, job["id"], ENDED, timeout=180)
+        assert done["state"] == "failed", done
+        assert done["error"].startswith("job time limit of 20 s reached")
+        kept = [p.exists() for p in scratch_paths(server, job["id"])]
+        trials = client.get(f"/v1/jobs/{job['id']}/trials").json()
+    assert trials
+    assert not [t for t in trials if t["state"] == "running"]
+    assert any(t["reason"] == "job time limit" for t in trials)
+    assert all(t["reason"] == "job time limit" for t in trials if t["state"] != "complete")
+    assert kept == [True, True]  # keep_scratch_seconds: still there just after the end ...
+    wait_until(lambda: not any(p.exists() for p in scratch_paths(server, job["id"])), 30, "scratch never removed")
+
+
+@pytest_slow
+def test_failed_trials_fail_the_job_only_when_none_completed(server_factory: Factory) -> None:
+    server = server_factory()
+    diverging = {"name": "sgd", "params": {"lr": 1e4}}
+    all_fail = tiny_spec(name="all diverge", seeds=2, optimizers=[diverging])
+    some_fail = tiny_spec(name="some diverge", seeds=2, optimizers=[{"name": "koala-v"}, diverging])
+    long = tiny_spec(name="cancelled", epochs=200, seeds=1, optimizers=[{"name": "sgd", "params": {"lr": 0.05}}])
+    with server.client() as client:
+        failed = client.post("/v1/jobs", json=all_fail).json()
+        mixed = client.post("/v1/jobs", json=some_fail).json()
+        done = wait_for(client, failed["id"], ENDED)
+        assert done["state"] == "failed", done
+        assert done["error"] == "every trial failed (2: diverged 2)"
+        report = client.get(f"/v1/jobs/{failed['id']}/results").json()
+        assert [f["reason"] for f in report["failed_trials"]] == ["diverged", "diverged"]
+
+        done = wait_for(client, mixed["id"], ENDED)
+        assert done["state"] == "succeeded", done
+        assert done["error"] is None
+        report = client.get(f"/v1/jobs/{mixed['id']}/results").json()
+        assert report["ranking"] == ["koala-v"]
+        trials = {(t["optimizer"], t["seed"]): t for t in client.get(f"/v1/jobs/{mixed['id']}/trials").json()}
+        assert sorted(
+            (f["optimizer"], f["phase"], f["seed"], f["number"], f["reason"]) for f in report["failed_trials"]
+        ) == [("sgd", "eval", seed, trials[("sgd", seed)]["number"], "diverged") for seed in (0, 1)]
+
+        cancelled = client.post("/v1/jobs", json=long).json()
+        wait_until(
+            lambda: any(t["epochs_done"] >= 1 for t in client.get(f"/v1/jobs/{cancelled['id']}/trials").json()),
+            120,
+            "no trial reached its first epoch",
+        )
+        client.post(f"/v1/jobs/{cancelled['id']}/cancel")
+        assert wait_for(client, cancelled["id"], ENDED, timeout=60)["state"] == "cancelled"
+    for job in (failed, mixed, cancelled):  # nothing of an ended job is left on disk (keep_scratch_seconds is 0)
+        wait_until(lambda job=job: not any(p.exists() for p in scratch_paths(server, job["id"])), 15, job["name"])
+
+
+def koala_run_spec(tmp_path: Path, **changes: Any) -> Path:
+    spec = {
+        "workload": "digits-mlp",
+        "epochs": 200,
+        "seeds": 3,
+        "max_concurrent_trials": 1,
+        "optimizers": [{"name": "sgd", "params": {"lr": 0.05}}],
+        **changes,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest_slow
+@pytest.mark.skipif("job_time_limit_s" not in JobSpec.model_fields, reason="the JobSpec has no time limits yet")
+def test_koala_run_honours_the_specs_time_limits(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "RAY_ADDRESS"))}
+    env["KOALA_DATA_DIR"] = str(tmp_path / "data")
+    database = tmp_path / "runs.db"
+    for job_id, limits in [("trials", {"trial_time_limit_s": 2}), ("job", {"job_time_limit_s": 25})]:
+        spec_file = koala_run_spec(tmp_path, seeds=2 if job_id == "trials" else 3, **limits)
+        command = [sys.executable, "-m", "koala_client.cli", "run", str(spec_file), "--db", f"sqlite:///{database}"]
+        command += ["--job-id", job_id, "--out", str(tmp_path / job_id)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1, result.stdout + result.stderr
+        trials = studies_trials(f"sqlite:///{database}", job_id)["sgd"]
+        assert trials
+        assert not [t for t in trials if t.state == TrialState.RUNNING]
+        report = json.loads((tmp_path / job_id / "report.json").read_text())
+        if job_id == "trials":
+            assert "every trial failed (2: time limit 2)" in " ".join(result.stderr.split())
+            assert [f["reason"] for f in report["failed_trials"]] == ["time limit", "time limit"]
+        else:
+            assert "job time limit of 25 s reached" in " ".join(result.stderr.split())
+            assert any(t.user_attrs["reason"] == "job time limit" for t in trials)
+
+
+# ---- 6. the driver's working directory ----------------------------------------------------------------------------
+
+
+@pytest_slow
+def test_files_in_the_servers_working_directory_do_not_shadow_the_drivers_modules(
+    server_factory: Factory, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "where-the-server-was-started"
+    workdir.mkdir()
+    # The API process never imports Ray; its drivers do, first thing.
+    (workdir / "ray.py").write_text("raise ImportError('ray.py in the server\\'s working directory was imported')\n")
+    server = server_factory(cwd=workdir)
+    spec = tiny_spec(epochs=1, seeds=1, optimizers=[{"name": "sgd", "params": {"lr": 0.1}}])
+    with server.client() as client:
+        job = client.post("/v1/jobs", json=spec).json()
+        done = wait_for(client, job["id"], ENDED)
+    log = (server.data_dir / "logs" / f"{job['id']}.log").read_text()
+    assert "working directory was imported" not in log
+    assert done["state"] == "succeeded", (done, log[-3000:])
+    assert done["attempts"] == 1
+    assert list(workdir.iterdir()) == [workdir / "ray.py"]  # nothing written where the server was started
+
+
+# ---- 7. fairness between owners, and the cap across schedulers -------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'koala.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+class RecordingScheduler(Scheduler):
+    """The real scheduler, except that a start is recorded instead of spawning a driver process."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        super().__init__(store, storage_for(settings.database_url), settings)
+        self.started: list[tuple[str, int]] = []
+
+    def _spawn(self, job_id: str, generation: int) -> None:
+        self.started.append((job_id, generation))
+
+
+def settings_for(database_url: str, tmp_path: Path, **values: Any) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=database_url, **values)
+
+
+def new_job(store: Store, name: str, owner: str | None) -> str:
+    job, _ = store.create_job({"name": name}, name=name, workload="digits-mlp", progress={}, owner=owner)
+    return job.id
+
+
+def test_owners_take_turns(database_url: str, tmp_path: Path) -> None:
+    store = Store(database_url)
+    store.migrate()
+    try:
+        names: dict[str, str] = {}
+        for name, owner in [("a1", "alice"), ("a2", "alice"), ("a3", "alice"), ("b1", "bob"), ("n1", None)]:
+            names[new_job(store, name, owner)] = name
+        scheduler = RecordingScheduler(store, settings_for(database_url, tmp_path, max_concurrent_jobs=1))
+        order: list[str] = []
+        for _ in range(5):
+            scheduler.tick()
+            assert len(scheduler.started) == len(order) + 1  # one at a time: the cap is 1
+            job_id, generation = scheduler.started[-1]
+            order.append(names[job_id])
+            assert store.finish(job_id, "succeeded", generation=generation)
+        # Alice queued three jobs first, yet Bob's and the ownerless job start before her second.
+        assert order == ["a1", "b1", "n1", "a2", "a3"]
+
+        # An owner at its own cap waits while others go ahead (ownerless jobs have none but the global one).
+        first, second, other = new_job(store, "a4", "alice"), new_job(store, "a5", "alice"), new_job(store, "b2", "bob")
+        assert store.claim_next("h", 10, max_active_per_owner=1) == (other, 1)  # Bob's last start is older
+        assert store.claim_next("h", 10, max_active_per_owner=1) == (first, 1)
+        assert store.claim_next("h", 10, max_active_per_owner=1) is None  # both at their cap
+        assert store.claim_next("h", 10, max_active_per_owner=2) == (second, 1)
+        scheduler.storage.engine.dispose()  # type: ignore[attr-defined]
+    finally:
+        store.close()
+
+
+def test_the_cap_holds_with_schedulers_racing_in_several_processes(database_url: str, tmp_path: Path) -> None:
+    cap = 2
+    stores = [Store(database_url) for _ in range(3)]  # three API processes
+    stores[0].migrate()
+    settings = settings_for(database_url, tmp_path, max_concurrent_jobs=cap)
+    schedulers = [RecordingScheduler(store, settings) for store in stores]
+    for i, scheduler in enumerate(schedulers):
+        scheduler.host = f"host-{i}"
+    try:
+        for _ in range(9):
+            new_job(stores[0], "job", None)
+        for _ in range(4):  # rounds: all start queued jobs at the same moment, then the running ones end
+            queued = len(stores[0].jobs_in(["queued"]))
+            barrier = threading.Barrier(len(schedulers))
+
+            def start(scheduler: RecordingScheduler, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                scheduler._start_queued()
+
+            threads = [threading.Thread(target=start, args=(s,)) for s in schedulers]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            running = stores[0].jobs_in(["running", "cancelling"])
+            assert len(running) == min(cap, queued)
+            for job in running:
+                assert stores[0].finish(job.id, "succeeded", generation=job.generation)
+        started = [entry for s in schedulers for entry in s.started]
+        assert len(started) == len({job_id for job_id, _ in started}) == 8  # each job started once
+    finally:
+        for scheduler in schedulers:
+            scheduler.storage.engine.dispose()  # type: ignore[attr-defined]
+        for store in stores:
+            store.close()
+
+
+def test_a_recorders_storage_is_guarded_once(database_url: str) -> None:
+    """A Recorder wraps its storage in the guard (retries, fence) once: a guarded storage is used as it is."""
+    spec = JobSpec.parse({"workload": "digits-mlp", "seeds": 1, "optimizers": [{"name": "sgd"}]})
+    storage = storage_for(database_url)
+    recorder = Recorder(storage, "wrap", spec)
+    again = Recorder(recorder.storage, "wrap", spec)
+    assert again.storage is recorder.storage
+    assert job_study_names(recorder.storage, "wrap") == ["job-wrap/sgd"]
+    storage.engine.dispose()  # type: ignore[attr-defined]
