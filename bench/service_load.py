@@ -114,6 +114,8 @@ def main() -> None:
             "KOALA_DATABASE_URL": args.database_url or f"sqlite:///{data_dir / 'koala.db'}",
             "KOALA_RUN_SCHEDULER": "false",
             "KOALA_WORKERS": str(args.workers),
+            # One client submits everything here: lift the per-token queue cap so submits are measured, not 429s.
+            "KOALA_MAX_QUEUED_JOBS_PER_OWNER": "1000000",
         }
         server = LiveServer(data_dir, env).start()
         try:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import optuna
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -31,8 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from koala import optimizers, workloads
 from service import schemas
+from service.auth import Auth, ExposureError, Guard, check_exposure, identify
 from service.dashboard import mount as mount_dashboard
-from service.jobspec import JobSpec, SpecError
+from service.jobspec import JobSpec, SpecError, type_name
+from service.problems import ProblemError, problem_response
 from service.recorder import job_study_names, storage_for
 from service.report import build_report
 from service.scheduler import Scheduler
@@ -40,73 +40,12 @@ from service.settings import Settings
 from service.store import BadCursorError, IdempotencyConflictError, JobRow, Store, body_hash
 
 log = logging.getLogger("service")
-PROBLEM = "application/problem+json"
 EVENT_POLL_SECONDS = 0.5
-
-
-class ProblemError(Exception):
-    """An error answered as problem+json."""
-
-    def __init__(self, status: int, title: str, detail: str, field: str | None = None, **extra: Any) -> None:
-        super().__init__(detail)
-        self.status, self.title, self.detail, self.field, self.extra = status, title, detail, field, extra
-
-
-def _problem_response(problem: schemas.Problem, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = problem.model_dump(exclude_none=True)
-    return JSONResponse(body, status_code=problem.status, media_type=PROBLEM, headers=headers)
+QUEUE_RETRY_SECONDS = 30  # Retry-After of a 429: about how long a queued job waits for a slot
 
 
 def _not_found(job_id: str) -> ProblemError:
     return ProblemError(404, "Not Found", f"no job {job_id}", type="https://koala.dev/problems/not-found")
-
-
-# ---- auth ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling: `owner` is the token id (None in open mode); `restricted` when tokens are configured."""
-
-    owner: str | None
-    restricted: bool
-
-    def may_see(self, job: JobRow) -> bool:
-        # Jobs submitted while the server was open have no owner and stay visible to every token.
-        return not self.restricted or job.owner is None or job.owner == self.owner
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-SESSION_COOKIE = "koala_session"  # set by the dashboard's login; holds the API token (HttpOnly, SameSite=Strict)
-
-
-# Cheap reads (an indexed row, WAL mode: never blocked by a writer) run on the event loop: a thread hop per
-# dependency costs more than the query. Writes and the Optuna readers run in the thread pool.
-async def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    """The owner of the bearer token (or of the dashboard's session cookie); everyone in open mode (no tokens)."""
-    store: Store = request.app.state.store
-    if not store.has_tokens():
-        return Caller(None, restricted=False)
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        token = request.cookies.get(SESSION_COOKIE, "")
-    if not token.strip():
-        raise ProblemError(401, "Unauthorized", "this server needs an API token: send `Authorization: Bearer TOKEN`")
-    owner = store.token_owner(token.strip())
-    if owner is None:
-        raise ProblemError(401, "Unauthorized", "unknown API token")
-    return Caller(owner, restricted=True)
-
-
-Auth = Annotated[Caller, Depends(caller)]
 
 
 async def visible_job(request: Request, job_id: str, who: Auth) -> JobRow:
@@ -118,22 +57,6 @@ async def visible_job(request: Request, job_id: str, who: Auth) -> JobRow:
 
 
 VisibleJob = Annotated[JobRow, Depends(visible_job)]
-
-
-class ExposureError(RuntimeError):
-    """The server would be reachable from other machines without authentication."""
-
-
-def check_exposure(settings: Settings, store: Store) -> bool:
-    """Whether the API runs open (no tokens). Raises ExposureError when open on a non-loopback address."""
-    if store.has_tokens(max_age=0):
-        return False
-    if not is_loopback(settings.host):
-        raise ExposureError(
-            f"refusing to serve on {settings.host} without API tokens: anyone who can reach it could run jobs. "
-            "Create a token with `koala token create` (then pass it as KOALA_TOKEN), or bind 127.0.0.1."
-        )
-    return True
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
@@ -148,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store.migrate()
     storage = storage_for(settings.database_url)  # creates Optuna's tables on a new database
     runner = Scheduler(store, storage, settings)
+    workloads.registry()  # the workloads a job may name: built-ins and entry points, loaded once, now
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -177,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.storage = storage
     app.state.scheduler = runner
+    app.add_middleware(Guard, settings=settings, store=store)
     _install_error_handlers(app)
 
     # ---- jobs ------------------------------------------------------------------------------------------------------
@@ -193,6 +118,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         problems = spec.cross_check() + spec.check_limits(settings.limits)
         if problems:
             raise SpecError([{"field": field, "message": message} for field, message in problems])
+        queued = store.count_jobs(who.owner, ["queued"])
+        if queued >= settings.max_queued_jobs_per_owner:
+            raise ProblemError(
+                429,
+                "Too many queued jobs",
+                f"{queued} of your jobs are queued, the most this server holds per token "
+                f"({settings.max_queued_jobs_per_owner}); submit again when one has started",
+                headers={"Retry-After": str(QUEUE_RETRY_SECONDS)},
+            )
         body = await request.json()
         progress = {e.name: {"done": 0, "total": (e.trials or 0) + len(spec.seed_list)} for e in spec.optimizers}
         try:
@@ -222,7 +156,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Jobs, newest first, a page at a time: pass `next_cursor` back as `cursor`."""
         try:
             rows, next_cursor = store.list_jobs(
-                owner=who.owner, restrict_owner=who.restricted, states=state or (), limit=limit, cursor=cursor
+                owner=who.owner,
+                restrict_owner=who.restricted,
+                include_ownerless=who.admin,
+                states=state or (),
+                limit=limit,
+                cursor=cursor,
             )
         except BadCursorError as error:
             raise ProblemError(422, "Invalid cursor", str(error), field="cursor") from None
@@ -299,16 +238,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], responses={503: {"model": schemas.Problem}})
-    def readyz() -> dict[str, str]:
-        """Readiness: the database answers, and the Ray cluster in RAY_ADDRESS (if any) accepts connections."""
+    def readyz(request: Request) -> dict[str, str]:
+        """Readiness: the database answers, and the Ray cluster in RAY_ADDRESS (if any) accepts connections. The
+        details (what failed, the Ray address) are shown only to a caller with a token (or on an open server)."""
+        try:
+            identify(store, request.headers, request.cookies)
+            detailed = True
+        except ProblemError:
+            detailed = False
+        problem = None
         try:
             store.ping()
+            ray = _ray_status()
+            if ray.startswith("unreachable"):
+                problem = f"Ray cluster {ray}"
         except Exception as error:
-            raise ProblemError(503, "Not ready", f"database unavailable: {type(error).__name__}") from None
-        ray = _ray_status()
-        if ray.startswith("unreachable"):
-            raise ProblemError(503, "Not ready", f"Ray cluster {ray}")
-        return {"status": "ready", "database": "ok", "ray": ray}
+            problem = f"database unavailable: {type(error).__name__}"
+        if problem is not None:
+            raise ProblemError(503, "Not ready", problem if detailed else "not ready")
+        return {"status": "ready", "database": "ok", "ray": ray} if detailed else {"status": "ready"}
 
     mount_dashboard(app)
     return app
@@ -317,17 +265,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def on_problem(request: Request, error: ProblemError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        return _problem_response(
-            schemas.Problem(
-                type=error.extra.get("type", "about:blank"),
-                title=error.title,
-                status=error.status,
-                detail=error.detail,
-                field=error.field,
-            ),
-            headers,
-        )
+        return error.response()
 
     @app.exception_handler(SpecError)
     async def on_spec_error(request: Request, error: SpecError) -> JSONResponse:
@@ -345,20 +283,22 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        title = {404: "Not Found", 405: "Method Not Allowed"}.get(error.status_code, "HTTP error")
-        return _problem_response(schemas.Problem(title=title, status=error.status_code, detail=str(error.detail)))
+        title = {404: "Not Found", 405: "Method Not Allowed", 413: "Request body too large"}.get(
+            error.status_code, "HTTP error"
+        )
+        return problem_response(schemas.Problem(title=title, status=error.status_code, detail=str(error.detail)))
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         detail = f"internal error ({type(error).__name__}); the server log has the details"
-        return _problem_response(schemas.Problem(title="Internal Server Error", status=500, detail=detail))
+        return problem_response(schemas.Problem(title="Internal Server Error", status=500, detail=detail))
 
 
 def _validation_problem(errors: list[dict[str, str]]) -> JSONResponse:
     first = errors[0] if errors else {"field": "", "message": "invalid request"}
     detail = "; ".join(f"{e['field'] or '(body)'}: {e['message']}" for e in errors)
-    return _problem_response(
+    return problem_response(
         schemas.Problem(
             type="https://koala.dev/problems/validation",
             title="Invalid request",
@@ -436,7 +376,7 @@ def _optimizer_info(name: str) -> schemas.OptimizerInfo:
         name=name,
         description=spec.description,
         hyperparameters=[
-            schemas.HyperparameterInfo(name=key, default=value, type=type(value).__name__)
+            schemas.HyperparameterInfo(name=key, default=value, type=type_name(name, key))
             for key, value in spec.hyperparameters().items()
         ],
     )
@@ -470,9 +410,20 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
         raise SystemExit(f"koala serve: {error}") from None
     shown = f"[{host}]" if ":" in host else host
     print(f"KOALA service on http://{shown}:{port}  (API docs: /docs, dashboard: /ui)", flush=True)
+    # X-Forwarded-Proto/-For are believed only from the proxies the operator names (then a session cookie set over
+    # TLS terminated by the proxy is marked Secure).
+    proxies = {"proxy_headers": bool(settings.trusted_proxies), "forwarded_allow_ips": settings.trusted_proxies or None}
     if workers == 1:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", **proxies)  # type: ignore[arg-type]
         return
     os.environ.update({"KOALA_HOST": host, "KOALA_PORT": str(port), "KOALA_MIGRATE_ON_START": "false"})
     app.state.store.close()
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="warning")
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        **proxies,  # type: ignore[arg-type]
+    )

@@ -13,28 +13,54 @@ optimizers:
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from koala import optimizers, workloads
 
+# Static bounds: what any deployment accepts. The operator's caps (`Limits`) are checked on top of them.
+MAX_NAME = 200  # characters of a job name, a metric or a string choice
+MAX_OPTIMIZERS = 32  # entries of one job
+MAX_KEYS = 32  # hyperparameters per entry, keys of workload_config
+MAX_CHOICES = 100  # values of one categorical search dimension
+MAX_SEED = 2**31 - 1
+MAX_SECONDS = 30 * 24 * 3600.0  # a time limit a job may ask for
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+TRUSTED = "trusted"  # validation context key: the spec comes from the user's own machine (`koala run`)
+
 
 class Limits(BaseModel):
-    """Caps on what one job may ask for (configurable by the operator)."""
+    """Caps on what one job may ask for, set by the operator (KOALA_LIMITS__MAX_EPOCHS=50 and so on)."""
 
     model_config = ConfigDict(frozen=True)
 
-    max_epochs: int = 200
-    max_seeds: int = 10
-    max_trials: int = 100  # tuning trials per optimizer
-    max_total_trials: int = 500  # every trial of the job
-    max_cpu: float = 64
-    max_gpu: float = 8
+    max_epochs: int = Field(default=200, ge=1, description="Epochs of a trial")
+    max_seeds: int = Field(default=10, ge=1, description="Seeds of a job")
+    max_trials: int = Field(default=100, ge=1, description="Tuning trials per optimizer")
+    max_total_trials: int = Field(default=500, ge=1, description="Every trial of a job")
+    max_concurrent_trials: int = Field(default=16, ge=1, description="Trials of one job running at once")
+    min_cpu: float = Field(default=0.25, gt=0, description="CPUs a trial must ask for at least")
+    max_cpu: float = Field(default=64, gt=0, description="CPUs per trial")
+    max_gpu: float = Field(default=8, ge=0, description="GPUs per trial")
 
 
 DEFAULT_LIMITS = Limits()
@@ -45,8 +71,8 @@ class FloatRange(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    low: float
-    high: float
+    low: Finite
+    high: Finite
     log: bool = False
     int: bool = False
 
@@ -64,7 +90,9 @@ class Choice(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    choices: list[float | int | str | bool] = Field(min_length=1)
+    choices: list[Finite | int | Annotated[str, Field(max_length=MAX_NAME)] | bool] = Field(
+        min_length=1, max_length=MAX_CHOICES
+    )
 
 
 def _dimension_kind(value: Any) -> str:
@@ -84,10 +112,10 @@ class OptimizerEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    search: dict[str, SearchDimension] | None = None
-    trials: Annotated[int, Field(ge=1)] | None = None
+    name: Annotated[str, Field(max_length=MAX_NAME)]
+    params: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
+    search: dict[str, SearchDimension] | None = Field(default=None, max_length=MAX_KEYS)
+    trials: Annotated[int, Field(ge=1, le=100_000)] | None = None
 
     @property
     def tuned(self) -> bool:
@@ -108,6 +136,11 @@ class OptimizerEntry(BaseModel):
                 raise ValueError(
                     f"unknown hyperparameter {key!r} for optimizer {self.name!r}; valid: {', '.join(sorted(valid))}"
                 )
+        for key, value in self.params.items():
+            _check_hyperparameter(self.name, key, value)
+        for key, dimension in (self.search or {}).items():
+            for value in _search_examples(dimension):
+                _check_hyperparameter(self.name, key, value)
         if self.search is not None:
             if not self.search:
                 raise ValueError("search must name at least one hyperparameter")
@@ -126,8 +159,8 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cpu: Annotated[float, Field(gt=0)] = 1
-    gpu: Annotated[float, Field(ge=0)] = 0
+    cpu: Annotated[float, Field(gt=0, le=1024, description="CPUs per trial (at least the operator's min_cpu)")] = 1
+    gpu: Annotated[float, Field(ge=0, le=64, description="GPUs per trial; fractions share a GPU")] = 0
 
 
 class JobSpec(BaseModel):
@@ -135,23 +168,44 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = ""
-    workload: str
-    workload_config: dict[str, Any] = Field(default_factory=dict)
-    epochs: Annotated[int, Field(ge=1)] = 10
-    seeds: Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=0)]] = 3
-    metric: str | None = None
-    target: float | None = None
+    name: str = Field(default="", max_length=MAX_NAME)
+    workload: str = Field(max_length=MAX_NAME, description="A registered workload name (GET /v1/workloads)")
+    workload_config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
+    epochs: Annotated[int, Field(ge=1, le=100_000)] = 10
+    seeds: (
+        Annotated[int, Field(ge=1, le=10_000)]
+        | Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Field(max_length=10_000)]
+    ) = 3
+    metric: str | None = Field(default=None, max_length=MAX_NAME)
+    target: Finite | None = None
     scheduler: Literal["none", "asha"] = "none"
-    max_concurrent_trials: Annotated[int, Field(ge=1)] = 2
+    max_concurrent_trials: Annotated[int, Field(ge=1, le=10_000)] = 2
     resources: Resources = Field(default_factory=Resources)
-    optimizers: list[OptimizerEntry] = Field(min_length=1)
+    trial_time_limit_s: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = Field(
+        default=None, description="Wall-clock seconds a trial may run (at most the server's limit)"
+    )
+    job_time_limit_s: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = Field(
+        default=None, description="Wall-clock seconds the whole job may run (at most the server's limit)"
+    )
+    optimizers: list[OptimizerEntry] = Field(min_length=1, max_length=MAX_OPTIMIZERS)
 
     @field_validator("workload")
     @classmethod
-    def _known_workload(cls, name: str) -> str:
-        workloads.workload_class(name)  # raises ValueError listing the valid names
+    def _known_workload(cls, name: str, info: ValidationInfo) -> str:
+        # Only a spec from the user's own machine may name "module:Class" (which imports it); a spec sent to the
+        # service names a registered workload, and an unknown name is refused without importing anything.
+        workloads.workload_class(name, allow_import=_trusted(info))  # raises ValueError listing the valid names
         return name
+
+    @field_validator("workload_config")
+    @classmethod
+    def _plain_config(cls, config: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        for key, value in config.items():
+            if not (isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value))):
+                raise ValueError(f"{key}: must be a number, a boolean or a string, got {type(value).__name__}")
+            if isinstance(value, str) and len(value) > MAX_NAME:
+                raise ValueError(f"{key}: at most {MAX_NAME} characters")
+        return config
 
     @field_validator("seeds")
     @classmethod
@@ -163,9 +217,19 @@ class JobSpec(BaseModel):
                 raise ValueError("seeds must be distinct")
         return seeds
 
-    def cross_check(self) -> list[tuple[str, str]]:
-        """Checks that involve several fields, as (field, message) pairs (empty when the spec is consistent)."""
+    def cross_check(self, *, trusted: bool = False) -> list[tuple[str, str]]:
+        """Checks that involve several fields, as (field, message) pairs (empty when the spec is consistent).
+
+        Unless `trusted`, the workload config may not name a path: a server reads datasets from its own data
+        directory, never from where a client points it."""
         problems = []
+        if not trusted:
+            cls = workloads.workload_class(self.workload, allow_import=False)
+            for key in sorted(set(cls.Config.path_fields()) & set(self.workload_config)):
+                message = (
+                    "a job sent to the service may not name a path (datasets are read from KOALA_DATA_DIR/datasets)"
+                )
+                problems.append((f"workload_config.{key}", message))
         cls = workloads.workload_class(self.workload)
         try:
             cls.Config.from_mapping(self.workload, self.workload_config)  # unknown keys, types, ranges
@@ -218,6 +282,12 @@ class JobSpec(BaseModel):
             problems.append(
                 ("optimizers", f"{self.planned_trials()} trials planned, at most {limits.max_total_trials}")
             )
+        if self.max_concurrent_trials > limits.max_concurrent_trials:
+            problems.append(
+                ("max_concurrent_trials", f"at most {limits.max_concurrent_trials}, got {self.max_concurrent_trials}")
+            )
+        if self.resources.cpu < limits.min_cpu:
+            problems.append(("resources.cpu", f"at least {limits.min_cpu:g}, got {self.resources.cpu:g}"))
         if self.resources.cpu > limits.max_cpu:
             problems.append(("resources.cpu", f"at most {limits.max_cpu}, got {self.resources.cpu}"))
         if self.resources.gpu > limits.max_gpu:
@@ -225,13 +295,16 @@ class JobSpec(BaseModel):
         return problems
 
     @classmethod
-    def parse(cls, data: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> JobSpec:
-        """Validate `data`; raise SpecError whose errors name each offending field."""
+    def parse(cls, data: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS, *, trusted: bool = False) -> JobSpec:
+        """Validate `data`; raise SpecError whose errors name each offending field.
+
+        `trusted`: the spec comes from the user's own machine (`koala run`), so it may name a workload as
+        "module:Class" (imported here) and a data_dir path. Specs a server receives are never trusted."""
         try:
-            spec = cls.model_validate(data)
+            spec = cls.model_validate(data, context={TRUSTED: trusted})
         except ValidationError as error:
             raise SpecError.from_validation(error) from None
-        problems = spec.cross_check() + spec.check_limits(limits)
+        problems = spec.cross_check(trusted=trusted) + spec.check_limits(limits)
         if problems:
             raise SpecError([{"field": field, "message": message} for field, message in problems])
         return spec
@@ -263,8 +336,45 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part[:1].isupper() or part in {"int", "str", "float", "bool"} or "[" in part)
 
 
-def load_jobspec(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> JobSpec:
-    """Read a JobSpec from a YAML or JSON file."""
+def _trusted(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(TRUSTED))
+
+
+@functools.cache
+def _type_checker(optimizer: str, key: str) -> TypeAdapter[Any]:
+    annotation = optimizers.get(optimizer).annotations()[key]
+    return TypeAdapter(annotation, config=ConfigDict(arbitrary_types_allowed=True, allow_inf_nan=False))
+
+
+def _check_hyperparameter(optimizer: str, key: str, value: Any) -> None:
+    """Refuse a value the optimizer's signature does not declare (as JSON: a list stands for a tuple)."""
+    checker = _type_checker(optimizer, key)
+    try:
+        checker.validate_json(json.dumps(value, allow_nan=True), strict=True)
+    except (ValidationError, ValueError):
+        expected = _type_name(optimizers.get(optimizer).annotations()[key])
+        raise ValueError(f"hyperparameter {key!r} of {optimizer!r} must be {expected}, got {value!r}") from None
+
+
+def _search_examples(dimension: FloatRange | Choice) -> list[Any]:
+    if isinstance(dimension, Choice):
+        return list(dimension.choices)
+    if dimension.int:
+        return [int(dimension.low), int(dimension.high)]
+    return [dimension.low, dimension.high]
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def type_name(optimizer: str, key: str) -> str:
+    """The declared type of a hyperparameter, as the catalogue shows it (e.g. "float | None")."""
+    return _type_name(optimizers.get(optimizer).annotations()[key])
+
+
+def load_jobspec(path: str | Path, limits: Limits = DEFAULT_LIMITS, *, trusted: bool = True) -> JobSpec:
+    """Read a JobSpec from a YAML or JSON file (trusted by default: it is the user's own file, run locally)."""
     text = Path(path).read_text()
     try:
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
@@ -272,4 +382,4 @@ def load_jobspec(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> JobSpec:
         raise SpecError([{"field": "", "message": f"{path} is not valid YAML/JSON: {error}"}]) from None
     if not isinstance(data, Mapping):
         raise SpecError([{"field": "", "message": f"{path} must hold a mapping, got {type(data).__name__}"}])
-    return JobSpec.parse(data, limits)
+    return JobSpec.parse(data, limits, trusted=trusted)

@@ -104,6 +104,17 @@ class TokenCreated(BaseModel):
     id: str
     name: str
     token: str  # shown once; only its hash is stored
+    admin: bool = False
+
+
+class TokenInfo(BaseModel):
+    """An API token as `koala token list` shows it (never the token itself)."""
+
+    id: str
+    name: str
+    admin: bool
+    created_at: datetime
+    revoked_at: datetime | None = None
 
 
 class Problem(BaseModel):

@@ -6,9 +6,10 @@ Nested limits use a double underscore: KOALA_LIMITS__MAX_EPOCHS=50.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.jobspec import Limits
 
@@ -44,6 +45,25 @@ class Settings(BaseSettings):
     )
     limits: Limits = Field(default_factory=Limits)
     optuna_dashboard_url: str | None = Field(default=None, description="Where optuna-dashboard serves this database")
+    # ---- exposure: what a client may send, and from where ----
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host header values the API answers (comma-separated; `*.example.org` matches subdomains, `*` "
+        "any). Loopback names are always allowed; on a public address with tokens, list the names clients use.",
+    )
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30, description="Largest request body (413 above)")
+    max_queued_jobs_per_owner: int = Field(default=20, ge=1, description="Queued jobs one token may have (429 above)")
+    max_running_jobs_per_owner: int = Field(default=2, ge=1, description="Jobs of one token that run at once")
+    session_seconds: float = Field(default=12 * 3600, gt=0, le=30 * 86400, description="Dashboard session lifetime")
+    secure_cookies: bool = Field(default=False, description="Mark the session cookie Secure (always behind TLS)")
+    trusted_proxies: str = Field(
+        default="", description="Proxy addresses whose X-Forwarded-Proto/-For are believed (uvicorn's list syntax)"
+    )
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        return [h.strip().lower() for h in value.split(",") if h.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:

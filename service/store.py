@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -117,6 +117,10 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def _aware(value: datetime) -> datetime: ...
+@overload
+def _aware(value: datetime | None) -> datetime | None: ...
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite returns naive datetimes; everything is stored in UTC.
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
@@ -300,14 +304,17 @@ class Store:
         *,
         owner: str | None = None,
         restrict_owner: bool = False,
+        include_ownerless: bool = False,
         states: Sequence[str] = (),
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[JobRow], str | None]:
-        """Jobs newest first. `restrict_owner`: only `owner`'s jobs and ownerless ones. Returns (page, next cursor)."""
+        """Jobs newest first. `restrict_owner`: only `owner`'s jobs, plus the ownerless ones (created in open mode)
+        with `include_ownerless`. Returns (page, next cursor)."""
         query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
         if restrict_owner:
-            query = query.where(sa.or_(jobs.c.owner == owner, jobs.c.owner.is_(None)))
+            mine = jobs.c.owner == owner
+            query = query.where(sa.or_(mine, jobs.c.owner.is_(None)) if include_ownerless else mine)
         if states:
             query = query.where(jobs.c.state.in_(list(states)))
         if cursor:
@@ -591,31 +598,71 @@ class Store:
         )
         with self.engine.connect() as db:
             rows = db.execute(query).all()
-        return [
-            schemas.Event(id=r.id, job_id=r.job_id, kind=r.kind, at=_aware(r.at), data=r.data)  # type: ignore[arg-type]
-            for r in rows
-        ]
+        return [schemas.Event(id=r.id, job_id=r.job_id, kind=r.kind, at=_aware(r.at), data=r.data) for r in rows]
 
-    # ---- API tokens ------------------------------------------------------------------------------------------------
+    # ---- API tokens and sessions ----------------------------------------------------------------------------------
 
-    def create_token(self, name: str = "") -> schemas.TokenCreated:
+    def create_token(self, name: str = "", *, admin: bool = False) -> schemas.TokenCreated:
+        """A new API token (only its hash is stored). Names are unique, so `koala token revoke NAME` is unambiguous."""
         token = "koala_" + secrets.token_urlsafe(32)
         token_id = uuid.uuid4().hex[:12]
         name = name or f"token-{token_id}"
         with self.engine.begin() as db:
+            if db.execute(sa.select(api_tokens.c.id).where(api_tokens.c.name == name)).first() is not None:
+                raise ValueError(f"a token named {name!r} exists already")
             db.execute(
-                api_tokens.insert().values(id=token_id, name=name, token_hash=token_hash(token), created_at=now())
+                api_tokens.insert().values(
+                    id=token_id, name=name, token_hash=token_hash(token), created_at=now(), admin=admin
+                )
             )
         self._tokens_cache = None
-        return schemas.TokenCreated(id=token_id, name=name, token=token)
+        return schemas.TokenCreated(id=token_id, name=name, token=token, admin=admin)
+
+    def list_tokens(self) -> list[schemas.TokenInfo]:
+        with self.engine.connect() as db:
+            rows = db.execute(sa.select(api_tokens).order_by(api_tokens.c.created_at)).all()
+        return [
+            schemas.TokenInfo(
+                id=r.id,
+                name=r.name,
+                admin=bool(r.admin),
+                created_at=_aware(r.created_at),
+                revoked_at=_aware(r.revoked_at),
+            )
+            for r in rows
+        ]
+
+    def revoke_token(self, name_or_id: str) -> schemas.TokenInfo | None:
+        """Revoke a token (by name or id) and end its sessions at once; None when there is no such token."""
+        with self.engine.begin() as db:
+            where = sa.or_(api_tokens.c.id == name_or_id, api_tokens.c.name == name_or_id)
+            row = db.execute(sa.select(api_tokens).where(where)).first()
+            if row is None:
+                return None
+            revoked = _aware(row.revoked_at) or now()
+            db.execute(api_tokens.update().where(api_tokens.c.id == row.id).values(revoked_at=revoked))
+            db.execute(sessions.delete().where(sessions.c.token_id == row.id))
+        return schemas.TokenInfo(
+            id=row.id, name=row.name, admin=bool(row.admin), created_at=_aware(row.created_at), revoked_at=revoked
+        )
+
+    def token_identity(self, token: str) -> tuple[str, bool] | None:
+        """(token id, admin) of a live token, or None when it is unknown or revoked."""
+        query = sa.select(api_tokens.c.id, api_tokens.c.admin).where(
+            api_tokens.c.token_hash == token_hash(token), api_tokens.c.revoked_at.is_(None)
+        )
+        with self.engine.connect() as db:
+            row = db.execute(query).first()
+        return (row.id, bool(row.admin)) if row is not None else None
 
     def token_owner(self, token: str) -> str | None:
-        """The id of the token, or None when it is unknown."""
-        with self.engine.connect() as db:
-            return db.execute(sa.select(api_tokens.c.id).where(api_tokens.c.token_hash == token_hash(token))).scalar()
+        """The id of a live token, or None when it is unknown or revoked."""
+        identity = self.token_identity(token)
+        return identity[0] if identity else None
 
     def has_tokens(self, max_age: float = 2.0) -> bool:
-        """Whether any API token exists (auth is on), cached briefly: tokens are created by another process."""
+        """Whether any API token was ever created (auth is on; revoking every token does not open the server),
+        cached briefly: tokens are created by another process."""
         with self._lock:
             cached = self._tokens_cache
             if cached is not None and time.monotonic() - cached[0] < max_age:
@@ -625,6 +672,48 @@ class Store:
         with self._lock:
             self._tokens_cache = (time.monotonic(), exists)
         return exists
+
+    def create_session(self, token_id: str, lifetime_seconds: float) -> str:
+        """A dashboard session for a token: returns the random session id for the cookie (stored hashed)."""
+        session_id = secrets.token_urlsafe(32)
+        created = now()
+        with self.engine.begin() as db:
+            db.execute(sessions.delete().where(sessions.c.expires_at < created))  # expired ones, opportunistically
+            db.execute(
+                sessions.insert().values(
+                    id_hash=token_hash(session_id),
+                    token_id=token_id,
+                    created_at=created,
+                    expires_at=created + timedelta(seconds=lifetime_seconds),
+                )
+            )
+        return session_id
+
+    def session_identity(self, session_id: str) -> tuple[str, bool] | None:
+        """(token id, admin) of a live session (not expired, its token not revoked), or None."""
+        query = (
+            sa.select(api_tokens.c.id, api_tokens.c.admin)
+            .select_from(sessions.join(api_tokens, sessions.c.token_id == api_tokens.c.id))
+            .where(
+                sessions.c.id_hash == token_hash(session_id),
+                sessions.c.expires_at > now(),
+                api_tokens.c.revoked_at.is_(None),
+            )
+        )
+        with self.engine.connect() as db:
+            row = db.execute(query).first()
+        return (row.id, bool(row.admin)) if row is not None else None
+
+    def end_session(self, session_id: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(sessions.delete().where(sessions.c.id_hash == token_hash(session_id)))
+
+    def count_jobs(self, owner: str | None, states: Sequence[str]) -> int:
+        """How many of `owner`'s jobs (ownerless ones for None) are in `states`."""
+        owned = jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner
+        query = sa.select(sa.func.count()).select_from(jobs).where(owned, jobs.c.state.in_(list(states)))
+        with self.engine.connect() as db:
+            return int(db.execute(query).scalar_one())
 
     def ping(self) -> None:
         with self.engine.connect() as db:

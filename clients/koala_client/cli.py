@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -35,6 +35,9 @@ from rich.table import Table
 
 from koala_client.sdk import KoalaClient, KoalaConnectionError, KoalaError
 from service.schemas import JOB_STATES, Job
+
+if TYPE_CHECKING:
+    from service.store import Store
 
 console = Console(stderr=True, highlight=False)
 
@@ -199,7 +202,7 @@ def dashboard(host: str, port: int) -> None:
     from a2wsgi import WSGIMiddleware
     from sqlalchemy.engine import make_url
 
-    from service.app import is_loopback
+    from service.auth import is_loopback
     from service.recorder import storage_for
     from service.settings import Settings
 
@@ -320,10 +323,10 @@ def token() -> None:
     """API tokens. They are written to the server's database directly, so run this where `koala serve` runs."""
 
 
-@token.command("create")
-@click.option("--name", default="", help="A label to recognise the token by  [default: token-<id>]")
-def token_create(name: str) -> None:
-    """Create an API token and print it (once: only its hash is stored)."""
+@contextmanager
+def _token_store() -> Iterator[Store]:
+    """The server's store, migrated (the first token may come before the first `koala serve`); database errors
+    exit with a message naming the database."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -334,18 +337,56 @@ def token_create(name: str) -> None:
     try:
         store = Store(url)
         try:
-            store.migrate()  # the first token may come before the first `koala serve`
-            created = store.create_token(name)
+            store.migrate()
+            yield store
         finally:
             store.close()
     except SQLAlchemyError as error:
-        _error(f"cannot create a token in {make_url(url).render_as_string(hide_password=True)}: {error}")
+        _error(f"cannot reach the token table in {make_url(url).render_as_string(hide_password=True)}: {error}")
         sys.exit(1)
+
+
+@token.command("create")
+@click.option("--name", default="", help="A unique label to recognise the token by  [default: token-<id>]")
+@click.option("--admin", is_flag=True, help="Also see (and cancel) the jobs created while the server ran open")
+def token_create(name: str, admin: bool) -> None:
+    """Create an API token and print it (once: only its hash is stored)."""
+    with _token_store() as store:
+        try:
+            created = store.create_token(name, admin=admin)
+        except ValueError as error:
+            _error(str(error))
+            sys.exit(1)
     click.echo(created.token)
+    role = "admin token" if created.admin else "token"
     console.print(
-        f"token {created.id} ({escape(created.name)}) created; it is shown only this once. "
+        f"{role} {created.id} ({escape(created.name)}) created; it is shown only this once. "
         "Clients use it with: export KOALA_TOKEN=<the token>"
     )
+
+
+@token.command("list")
+def token_list() -> None:
+    """List the API tokens (never the tokens themselves: only their hashes are stored)."""
+    with _token_store() as store:
+        tokens = store.list_tokens()
+    table = Table("id", "name", "role", "created", "revoked")
+    for info in tokens:
+        revoked = _when(info.revoked_at) if info.revoked_at else ""
+        table.add_row(info.id, escape(info.name), "admin" if info.admin else "user", _when(info.created_at), revoked)
+    stdout().print(table)
+
+
+@token.command("revoke")
+@click.argument("token_ref", metavar="NAME|ID")
+def token_revoke(token_ref: str) -> None:
+    """Revoke a token: it and its dashboard sessions stop working at once (its jobs are kept)."""
+    with _token_store() as store:
+        revoked = store.revoke_token(token_ref)
+    if revoked is None:
+        _error(f"no token named or with id {token_ref!r} (see `koala token list`)")
+        sys.exit(1)
+    console.print(f"token {revoked.id} ({escape(revoked.name)}) revoked")
 
 
 def _watch(client: KoalaClient, job_id: str) -> int:

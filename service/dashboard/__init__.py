@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from service.dashboard.optuna_mount import OptunaDashboard
+from service.dashboard.pages import install_pages
+
 __all__ = ["mount"]
 
 
 def mount(app: FastAPI) -> None:
     """Add the dashboard to an app made by `service.app.create_app` (it reads the app's store and storage)."""
-    # Imported here: both modules import service.app, which imports this package.
-    from service.dashboard.optuna_mount import OptunaDashboard
-    from service.dashboard.pages import install_pages
-
     install_pages(app)
     app.mount("/optuna", OptunaDashboard(app.state.storage, app.state.store))

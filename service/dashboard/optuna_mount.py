@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.app import PROBLEM, Caller, ProblemError, caller
+from service.auth import Caller, caller
+from service.problems import PROBLEM, ProblemError
 from service.store import Store
 
 log = logging.getLogger("service.dashboard")
@@ -74,7 +75,7 @@ class OptunaDashboard:
         prefix = scope.get("root_path", "")
         path = scope["path"].removeprefix(prefix)
         try:
-            who = await caller(request, request.headers.get("authorization"))
+            who = await caller(request)
         except ProblemError as error:
             if "text/html" in request.headers.get("accept", ""):
                 back = urllib.parse.quote(scope["path"], safe="")

@@ -1,8 +1,10 @@
 """The pages under /ui: server-rendered shells whose scripts (static/*.js) fill them from the API.
 
-Once API tokens exist every page needs a session: `/ui/login` checks a token and stores it in the `koala_session`
-cookie (HttpOnly, SameSite=Strict), which the API accepts like a bearer token. The pages' scripts only ever call the
-API with that cookie, so which jobs a user sees is decided by the API, exactly as for the SDK.
+Once API tokens exist every page needs a session: `/ui/login` checks a token and opens a session whose random id
+(stored hashed, with an expiry) goes in the `koala_session` cookie (HttpOnly, SameSite=Strict, Secure behind TLS);
+the API accepts it like a bearer token until it expires, the user signs out or the token is revoked. The pages'
+scripts only ever call the API with that cookie, so which jobs a user sees is decided by the API, exactly as for the
+SDK.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from service.app import SESSION_COOKIE, Caller, ProblemError, caller
+from service.auth import SESSION_COOKIE, Caller, caller
+from service.problems import ProblemError
 from service.schemas import JOB_STATES
 from service.store import Store
 
@@ -41,7 +44,7 @@ class LoginRequiredError(Exception):
 async def session(request: Request) -> Caller:
     """The caller behind the session cookie (or a bearer token); everyone while no token exists."""
     try:
-        return await caller(request, request.headers.get("authorization"))
+        return await caller(request)
     except ProblemError:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequiredError(target) from None
@@ -188,7 +191,7 @@ def install_pages(app: FastAPI) -> None:
     @app.get("/ui/login", include_in_schema=False)
     async def login_form(request: Request, next: str | None = None) -> Response:
         try:
-            await caller(request, request.headers.get("authorization"))
+            await caller(request)
         except ProblemError:
             return _login(request, safe_next(next))
         return RedirectResponse(safe_next(next), status_code=303)  # open mode, or signed in already
@@ -201,19 +204,25 @@ def install_pages(app: FastAPI) -> None:
         owner = await run_in_threadpool(store.token_owner, token) if token else None
         if owner is None:
             return _login(request, target, error="That token is not valid on this server.", status=401)
+        settings = app.state.settings
+        session_id = await run_in_threadpool(store.create_session, owner, settings.session_seconds)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             SESSION_COOKIE,
-            token,
+            session_id,
+            max_age=int(settings.session_seconds),
             httponly=True,
             samesite="strict",
             path="/",
-            secure=request.url.scheme == "https",
+            secure=settings.secure_cookies or request.url.scheme == "https",
         )
         return response
 
-    @app.api_route("/ui/logout", methods=["GET", "POST"], include_in_schema=False)
-    def logout() -> Response:
+    @app.post("/ui/logout", include_in_schema=False)
+    def logout(request: Request) -> Response:
+        session_id = request.cookies.get(SESSION_COOKIE, "")
+        if session_id:
+            store.end_session(session_id)  # revoked on the server, not only forgotten by this browser
         response = RedirectResponse("/ui/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         return response
