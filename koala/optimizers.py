@@ -38,6 +38,12 @@ class OptimizerSpec:
         values.update(self.defaults)
         return values
 
+    def annotations(self) -> dict[str, Any]:
+        """The declared type of each settable hyperparameter (for checking values a user sends)."""
+        signature = inspect.signature(self.factory, eval_str=True)
+        declared = signature.parameters
+        return {name: declared[name].annotation if name in declared else Any for name in self.hyperparameters()}
+
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 
