@@ -179,3 +179,26 @@ if _installed("schedulefree"):
     register(OptimizerSpec("schedule-free-adamw", _schedule_free_adamw, "Schedule-Free AdamW (Defazio et al.)"))
 if _installed("dadaptation"):
     register(OptimizerSpec("dadapt-adam", _dadapt_adam, "D-Adaptation Adam (Defazio and Mishchenko)"))
+
+
+# ---- KOALA beyond the paper (issue 17) -------------------------------------------------------------------------------
+
+from koala.koala_plus_plus import KoalaPlusPlus  # noqa: E402
+
+register(
+    OptimizerSpec(
+        "koalapp",
+        KoalaPlusPlus,
+        "KOALA++ (Xia et al., 2025): Kalman filter with gradient-covariance products (comparison baseline)",
+    )
+)
+
+from koala.koala_diag import KoalaDiag  # noqa: E402
+
+register(
+    OptimizerSpec(
+        "koala-diag",
+        KoalaDiag,
+        "KOALA-Diag: KOALA with a diagonal second-moment prior covariance and variance-based R (hyperparameter-free)",
+    )
+)
