@@ -505,8 +505,8 @@ def run_job(
     """
     stop = stop or threading.Event()
     timed_out = threading.Event()
-    trial_limit = effective_limit(getattr(spec, "trial_time_limit_s", None), trial_time_limit_s)
-    job_limit = effective_limit(getattr(spec, "job_time_limit_s", None), job_time_limit_s)
+    trial_limit = effective_limit(spec.trial_time_limit_s, trial_time_limit_s)
+    job_limit = effective_limit(spec.job_time_limit_s, job_time_limit_s)
     timer: threading.Timer | None = None
     started_ray = False
     started = time.perf_counter()

@@ -188,8 +188,8 @@ class Scheduler:
     # ---- starting --------------------------------------------------------------------------------------------------
 
     def _start_queued(self) -> None:
-        # Set where the operator caps the jobs one API token runs at once (ownerless jobs are not capped).
-        per_owner: int | None = getattr(self.settings, "max_running_jobs_per_owner", None)
+        # The jobs one API token runs at once are capped too (ownerless jobs only by max_concurrent_jobs).
+        per_owner = self.settings.max_running_jobs_per_owner
         while not self._stopping.is_set():
             claimed = self.store.claim_next(self.host, self.settings.max_concurrent_jobs, per_owner)
             if claimed is None:

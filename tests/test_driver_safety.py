@@ -439,7 +439,6 @@ def koala_run_spec(tmp_path: Path, **changes: Any) -> Path:
 
 
 @pytest_slow
-@pytest.mark.skipif("job_time_limit_s" not in JobSpec.model_fields, reason="the JobSpec has no time limits yet")
 def test_koala_run_honours_the_specs_time_limits(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "RAY_ADDRESS"))}
     env["KOALA_DATA_DIR"] = str(tmp_path / "data")
