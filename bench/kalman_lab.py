@@ -1,7 +1,7 @@
 """`KalmanLab`: a readable, option-laden KOALA-V-structured filter for the ablations of bench/ablations.py.
 
 Research code, not a library optimizer: one Python loop over tensors, host-side float64 scalars, no fused path. With
-its defaults it is KOALA-V (koala-method.md section 2, the official departures D1-D4, D6, D7); every option switches
+its defaults it is KOALA-V (docs/method.md "KOALA-V", the official departures D1-D4, D6, D7); every option switches
 one hypothesis on. The shipped result of the ablations is `koala.KoalaAdam`; this class only measures.
 
 One step (all scalars float64; block b = one parameter tensor):

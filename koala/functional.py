@@ -1,6 +1,6 @@
 """The KOALA filter as functions over tensor lists: the math behind `koala.KoalaV` and `koala.KoalaM`.
 
-Symbols follow koala-method.md (the paper's notation) and are mapped once here:
+Symbols follow docs/method.md (the paper's notation) and are mapped once here:
 
     x_b, p_b   block weights and posterior velocities (one block = one parameter tensor)
     g_b        raw gradient;  a_b = g_b + lam x_b the augmented gradient;  G_b = |a_b|^2
@@ -287,7 +287,7 @@ def gains(
     augmented = xp.where(updated, m.augmented_sq_norms, 0.0)
     innovation = prior_xx * augmented + new_noise  # S_b
     scaled_gaps = xp.where(updated, (m.loss + m.l2_terms) / innovation, 0.0)
-    # max_b G_b / S_b is reached at the largest G_b; this closed form keeps P positive (koala-method.md 8.1).
+    # max_b G_b / S_b is reached at the largest G_b; this closed form keeps P positive (docs/method.md "Safeguards").
     g_star = augmented.max()
     denominator = prior_xx * g_star + new_noise
     return Gains(
@@ -375,7 +375,7 @@ def apply_momentum_single_tensor(
 ) -> Tensor:
     """KOALA-M, reference path, over every block (blocks without gradient still get the predict shift).
 
-    With the posterior velocity p_k stored (koala-method.md section 4, item 9), one step does, per block:
+    With the posterior velocity p_k stored (docs/method.md "Step contract", item 9), one step does, per block:
         p <- kappa p  [p^_k];  p <- p - lr Kp a;  x <- x - lr Kx a          (update_k, eqs. 59-60, direction a_b)
         D = x - x_avg;  x_avg <- x_avg + w D                                (x_avg EMA of updated blocks, 50')
         x <- x + p                                                          (predict_{k+1}: x^_{k+1} = x_k + p_k)

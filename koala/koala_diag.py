@@ -50,7 +50,7 @@ class KoalaDiag(_KalmanOptimizer):
 
     One scalar s (KOALA-V's covariance) times a per-parameter shape D taken from the gradients' second moment (Adam's
     v); one innovation for the whole network; R from the spread of the per-sample losses. One `step()` is update_k
-    followed by predict_{k+1} (notation of koala-method.md; t counts accepted steps; sums over updated blocks b):
+    followed by predict_{k+1} (notation of docs/method.md; t counts accepted steps; sums over updated blocks b):
 
         l_j       per-sample losses: the loss given, averaged over all but its first dimension (per sequence)
         L, V      mean and sample variance of the l_j

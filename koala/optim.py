@@ -160,7 +160,7 @@ class _KalmanOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *, loss: Loss | None = None) -> Loss:  # type: ignore[override]
-        """Run update_k and predict_{k+1} with this minibatch's loss (koala-method.md section 4).
+        """Run update_k and predict_{k+1} with this minibatch's loss (docs/method.md "Step contract").
 
         Args:
             closure: recomputes the loss and its gradient and returns the loss.
@@ -422,7 +422,7 @@ class KoalaV(_KalmanOptimizer):
         * Under DDP (an initialised process group), the loss moments are all-reduced so every replica takes the
           identical step. Weights are visible as the posterior; `eval()`/`train()` are no-ops for KOALA-V.
 
-    Departures from the paper, all following the official code (koala-method.md section 7):
+    Departures from the paper, all following the official code (docs/method.md "Departures"):
         D1 only target scheme (b), gap = lr * L, per-group lr honoured from the start;
         D2 the gap carries the block's own L2 term lam/2 |x_b|^2;
         D3 S_b uses the augmented gradient, the step the raw gradient (so weight decay does not shrink weights here);
@@ -510,7 +510,7 @@ class KoalaM(_KalmanOptimizer):
     r"""KOALA-M: the Kalman filter over weights and velocities, x_k = x_{k-1} + p_{k-1}, p_k = kappa p_{k-1}.
 
     The covariance is a 2x2 matrix P (times the identity) shared by all blocks; each parameter tensor is a block.
-    One `step()` is update_k followed by predict_{k+1} (official code, koala-method.md sections 3-4):
+    One `step()` is update_k followed by predict_{k+1} (official code, docs/method.md "KOALA-M", "Step contract"):
 
         R_k   = beta_R R_{k-1} + (1 - beta_R) m2_k                                   (49')
         S_b   = P^[1,1] G_b + R_k,   a_b = g_b + lam x_b,   G_b = |a_b|^2             (56)
@@ -531,7 +531,7 @@ class KoalaM(_KalmanOptimizer):
     `KoalaV` applies (per-sample unscaled positive losses, one step per backward, the skip rule, DDP all-reduce;
     under DDP the weight-drift statistic is all-reduced too).
 
-    Departures from the paper, all following the official code (koala-method.md section 7): D1-D4 as in `KoalaV`
+    Departures from the paper, all following the official code (docs/method.md "Departures"): D1-D4 as in `KoalaV`
     except that the step direction is the augmented gradient a_b (coupled L2, D3); D5 the process noise uses the
     unsquared distance |x - x_avg|_2 / n under an extra EMA (0.9, from qw), with x_avg starting at 0 and refreshed
     only for updated blocks, while the distance covers every parameter given (do not pass frozen parameters);
@@ -665,7 +665,8 @@ class KoalaM(_KalmanOptimizer):
             drift_sq = F.apply_momentum_multi_tensor(blocks, velocities, averages, coefficients)
         else:
             drift_sq = F.apply_momentum_single_tensor(blocks, velocities, averages, coefficients)
-        # P_k = P^ - h~ c c^T with c = P^[:, 1]: rho = 1 - h~ P^[1,1] scales the first row and column (section 3).
+        # P_k = P^ - h~ c c^T with c = P^[:, 1]: rho = 1 - h~ P^[1,1] scales the first row and column
+        # (docs/method.md "KOALA-M").
         sxx, sxp, spp = prior[0, 0], prior[0, 1], prior[1, 1]
         posterior = xp.stack((xp.stack((g.rho * sxx, g.rho * sxp)), xp.stack((g.rho * sxp, spp - g.h * sxp * sxp))))
         process_noise = _read(state, PROCESS_NOISE, path)

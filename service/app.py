@@ -1,8 +1,8 @@
-"""The HTTP API (architecture.md section 5): `create_app()` builds it, `serve()` runs it with uvicorn.
+"""The HTTP API (docs/architecture.md "HTTP API"): `create_app()` builds it, `serve()` runs it with uvicorn.
 
 Jobs are validated, stored as `queued` and run by the scheduler (service/scheduler.py), one driver process per job.
 Trials and results are read from the job's Optuna studies; events come from our events table. Errors are
-`application/problem+json` with the offending field. Auth (architecture.md section 6): bearer tokens created with
+`application/problem+json` with the offending field. Auth (docs/architecture.md "Security"): bearer tokens created with
 `koala token create`; without any token the API is open, which is only allowed on a loopback address.
 """
 
@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         who: Auth,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> schemas.Job:
-        """Submit a JobSpec (architecture.md section 4). With `Idempotency-Key`, a repeat of the same request
+        """Submit a JobSpec (docs/architecture.md "JobSpec"). With `Idempotency-Key`, a repeat of the same request
         returns the same job; the same key with another body is rejected."""
         problems = spec.cross_check() + spec.check_limits(settings.limits)
         if problems:

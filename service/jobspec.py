@@ -1,4 +1,4 @@
-"""JobSpec: what a user asks the service to compare (architecture.md section 4), with validation that names fields.
+"""JobSpec: what a user asks the service to compare (docs/architecture.md "JobSpec"), with validation that names fields.
 
 name: digits, KOALA vs tuned baselines
 workload: digits-mlp

@@ -1,4 +1,4 @@
-"""Request and response models of the HTTP API (architecture.md section 5), shared by the service and the SDK.
+"""Request and response models of the HTTP API (docs/architecture.md "HTTP API"), shared by the service and the SDK.
 
 Only pydantic here: the SDK imports this module without pulling in torch, Ray or Optuna.
 """

@@ -1,4 +1,4 @@
-"""Both library paths against an independent float64 implementation of koala-method.md, step by step.
+"""Both library paths against an independent float64 implementation of docs/method.md, step by step.
 
 The reference below is written from the specification in the two-call form of the official code (predict; forward
 and backward at the predicted weights; update), with the official covariance update P - P H P^T. The library runs the
@@ -22,7 +22,7 @@ THRESHOLD = 1e-9
 
 
 class ReferenceKoalaV:
-    """KOALA-V as in koala-method.md section 2 (layer-wise form, official departures D1-D4, D6, D7)."""
+    """KOALA-V as in docs/method.md "KOALA-V" (layer-wise form, official departures D1-D4, D6, D7)."""
 
     def __init__(self, weights: list[Tensor], weight_decay: float) -> None:
         self.x = [w.detach().clone() for w in weights]
@@ -57,7 +57,7 @@ class ReferenceKoalaV:
 
 
 class ReferenceKoalaM:
-    """KOALA-M as the normative form of koala-method.md section 3 (Algorithm 2 with the official lines)."""
+    """KOALA-M as the normative form of docs/method.md "KOALA-M" (Algorithm 2 with the official lines)."""
 
     def __init__(self, weights: list[Tensor], weight_decay: float) -> None:
         self.x = [w.detach().clone() for w in weights]

@@ -1,6 +1,6 @@
 """`KoalaClient`: the Python SDK of the KOALA service, a thin typed wrapper over `httpx.Client`.
 
-Every method maps to one endpoint of the HTTP API (architecture.md section 5) and returns the wire models of
+Every method maps to one endpoint of the HTTP API (docs/architecture.md "HTTP API") and returns the wire models of
 `service.schemas`, so callers get the same types the server validates against. Failures are `KoalaError`s: the
 server's problem+json becomes `KoalaAPIError` (with the offending field), an unreachable server becomes
 `KoalaConnectionError`.
