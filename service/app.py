@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 headers={"Retry-After": str(QUEUE_RETRY_SECONDS)},
             )
         body = await request.json()
-        progress = {e.name: {"done": 0, "total": (e.trials or 0) + len(spec.seed_list)} for e in spec.optimizers}
+        progress = {e.name: {"done": 0, "total": spec.trials_of(e)} for e in spec.optimizers}
         try:
             job, created = await run_in_threadpool(
                 store.create_job,

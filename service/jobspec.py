@@ -265,8 +265,8 @@ class JobSpec(BaseModel):
         return "maximize" if mode == "max" else "minimize"
 
     def planned_trials(self) -> int:
-        seeds = len(self.seed_list)
-        return sum((entry.trials or 0) + seeds if entry.tuned else seeds for entry in self.optimizers)
+        """Every trial of the job."""
+        return sum(self.trials_of(entry) for entry in self.optimizers)
 
     def check_limits(self, limits: Limits = DEFAULT_LIMITS) -> list[tuple[str, str]]:
         """The limits the job exceeds, as (field, message) pairs."""
@@ -326,6 +326,10 @@ class SpecError(ValueError):
         return cls(errors)
 
     @staticmethod
+    def trials_of(self, entry: OptimizerEntry) -> int:
+        """The trials planned for one optimizer: its tuning trials (if tuned), then one evaluation per seed."""
+        return (entry.trials or 0) + len(self.seed_list)
+
     def from_loc(loc: Sequence[Any]) -> str:
         """The dotted field path of a pydantic error location, without pydantic's union-member tags."""
         return ".".join(str(part) for part in loc if not _is_union_tag(part))

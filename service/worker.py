@@ -211,7 +211,7 @@ def _clean_up(settings: Settings, job_id: str) -> None:
 def _progress_from_studies(recorder: Recorder, spec: JobSpec) -> dict[str, dict[str, int]]:
     progress = {}
     for entry in spec.optimizers:
-        total = (entry.trials or 0) + len(spec.seed_list)
+        total = spec.trials_of(entry)
         trials = recorder.study(entry.name).get_trials(deepcopy=False)
         done = sum(t.state.is_finished() for t in trials)
         progress[entry.name] = {"done": min(done, total), "total": total}

@@ -93,7 +93,7 @@ def run(spec_file: Path, database_url: str | None, out_dir: Path | None, job_id:
     best: dict[str, float] = {}
     with _progress() as progress:
         tasks = {
-            entry.name: progress.add_task(entry.name, total=(entry.trials or 0) + len(spec.seed_list), best="")
+            entry.name: progress.add_task(entry.name, total=spec.trials_of(entry), best="")
             for entry in spec.optimizers
         }
 

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import SESSION_COOKIE, Caller, caller
 from service.problems import ProblemError
+from service.recorder import study_name
 from service.schemas import JOB_STATES
 from service.store import Store
 
@@ -182,7 +183,7 @@ def install_pages(app: FastAPI) -> None:
         if job is None or not who.may_see(job) or optimizer not in job.progress:
             raise ProblemError(404, "Not Found", f"no study for {optimizer} in job {job_id}")
         try:
-            study_id = await run_in_threadpool(app.state.storage.get_study_id_from_name, f"job-{job_id}/{optimizer}")
+            study_id = await run_in_threadpool(app.state.storage.get_study_id_from_name, study_name(job_id, optimizer))
         except KeyError:
             raise ProblemError(404, "Not Found", f"job {job_id} has not started {optimizer} yet") from None
         base = (app.state.settings.optuna_dashboard_url or "/optuna").rstrip("/")
