@@ -264,6 +264,10 @@ class JobSpec(BaseModel):
         mode = workloads.workload_class(self.workload).metric_modes()[self.metric_name]
         return "maximize" if mode == "max" else "minimize"
 
+    def trials_of(self, entry: OptimizerEntry) -> int:
+        """The trials planned for one optimizer: its tuning trials (if tuned), then one evaluation per seed."""
+        return (entry.trials or 0) + len(self.seed_list)
+
     def planned_trials(self) -> int:
         """Every trial of the job."""
         return sum(self.trials_of(entry) for entry in self.optimizers)
@@ -326,10 +330,6 @@ class SpecError(ValueError):
         return cls(errors)
 
     @staticmethod
-    def trials_of(self, entry: OptimizerEntry) -> int:
-        """The trials planned for one optimizer: its tuning trials (if tuned), then one evaluation per seed."""
-        return (entry.trials or 0) + len(self.seed_list)
-
     def from_loc(loc: Sequence[Any]) -> str:
         """The dotted field path of a pydantic error location, without pydantic's union-member tags."""
         return ".".join(str(part) for part in loc if not _is_union_tag(part))
