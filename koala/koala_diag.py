@@ -339,13 +339,14 @@ class KoalaDiag(_KalmanOptimizer):
             xs, gs, vs = run.params(blocks), run.grads(blocks), second_moments[run.start : run.stop]
             directions = _directions(gs, xs, run.weight_decay, finite)
             v_new, sigma = _sigma(vs, directions, self.beta2, inv_bc2, self.eps, path)
-            stats[run.start : run.stop, 1:] = _sums(xs, directions, sigma, run.weight_decay, path, stats)
-            work.append((run, directions, v_new, sigma))
+            steps = _div(directions, sigma, path)  # a / sigma: the step's direction, up to c
+            stats[run.start : run.stop, 1:] = _sums(xs, directions, sigma, steps, run.weight_decay, path, stats)
+            work.append((run, steps, v_new))
         numels = self._numels(blocks, filter_device, dtype)
         has_grad = F.mask_from_flags([g is not None for g in blocks.grads], filter_device)
         take, updated, coefficients = self._filter(torch, moments, stats, numels, has_grad, state, path)
         applied = F.to_float(updated & take, coefficients)
-        for run, directions, v_new, sigma in work:
+        for run, steps, v_new in work:
             xs, vs = run.params(blocks), second_moments[run.start : run.stop]
             device = xs[0].device
             kept = list(F.per_block(1 - applied, device)[run.start : run.stop])
@@ -353,14 +354,13 @@ class KoalaDiag(_KalmanOptimizer):
             gains = list(F.per_block(coefficients, device)[run.start : run.stop])
             # v <- v' where the block is updated, v elsewhere (both finite, so the blend is exact either way).
             if path == "foreach":
-                steps = torch._foreach_div(directions, sigma)
                 torch._foreach_mul_(vs, kept)
                 torch._foreach_addcmul_(vs, v_new, mixed)
                 torch._foreach_addcmul_(xs, steps, gains, value=-run.lr)
             else:
-                for x, v, a, vn, sg, k, m, c in zip(xs, vs, directions, v_new, sigma, kept, mixed, gains, strict=True):
+                for x, v, d, vn, k, m, c in zip(xs, vs, steps, v_new, kept, mixed, gains, strict=True):
                     v.mul_(k).addcmul_(vn, m)
-                    x.addcmul_(a.div(sg), c, value=-run.lr)
+                    x.addcmul_(d, c, value=-run.lr)
         if filter_device.type == "cpu" and not torch.compiler.is_compiling() and not bool(take):
             self._warn_skipped(bool(torch.isfinite(stats).all() and torch.isfinite(moments).all()))
 
@@ -401,29 +401,43 @@ def _directions(gs: list[Tensor], xs: list[Tensor], weight_decay: float, finite:
 
 
 def _sigma(
-    vs: list[Tensor], directions: list[Tensor], beta2: float, inv_bc2: Tensor, eps: float, path: str
+    vs: list[Tensor], directions: list[Tensor], beta2: float, inv_bc2: Tensor, eps: float, path: Path
 ) -> tuple[list[Tensor], list[Tensor]]:
     """v' = beta2 v + (1 - beta2) a^2 and sigma = sqrt(v' / (1 - beta2^t)) + eps, as new tensors."""
     factor = inv_bc2.to(vs[0].device, vs[0].dtype)
     if path == "foreach":
         v_new = list(torch._foreach_mul(vs, beta2))
         torch._foreach_addcmul_(v_new, directions, directions, value=1 - beta2)
-        sigma = list(torch._foreach_sqrt(torch._foreach_mul(v_new, factor)))
+        sigma = list(torch._foreach_mul(v_new, factor))
+        torch._foreach_sqrt_(sigma)
         torch._foreach_add_(sigma, eps)
         return v_new, sigma
     v_new = [v.mul(beta2).addcmul_(a, a, value=1 - beta2) for v, a in zip(vs, directions, strict=True)]
     return v_new, [v.mul(factor).sqrt_().add_(eps) for v in v_new]
 
 
-def _sums(
-    xs: list[Tensor], directions: list[Tensor], sigma: list[Tensor], weight_decay: float, path: str, like: Tensor
-) -> Tensor:
-    """Per block [sum sigma, sum a^2 / sigma, lam/2 |x|^2], shape (blocks, 3)."""
+def _div(directions: list[Tensor], sigma: list[Tensor], path: Path) -> list[Tensor]:
     if path == "foreach":
-        scaled = list(torch._foreach_div(directions, torch._foreach_sqrt(sigma)))
+        return list(torch._foreach_div(directions, sigma))
+    return [a / s for a, s in zip(directions, sigma, strict=True)]
+
+
+def _sums(
+    xs: list[Tensor],
+    directions: list[Tensor],
+    sigma: list[Tensor],
+    steps: list[Tensor],
+    weight_decay: float,
+    path: Path,
+    like: Tensor,
+) -> Tensor:
+    """Per block [sum sigma, sum a^2 / sigma, lam/2 |x|^2], shape (blocks, 3); sigma > 0 and a^2 / sigma >= 0, so
+    their sums are L1 norms."""
+    if path == "foreach":
+        products = list(torch._foreach_mul(directions, steps))
     else:
-        scaled = [a / s.sqrt() for a, s in zip(directions, sigma, strict=True)]
-    columns = [_norms(sigma, 1, path, like), _sq_norms(scaled, path, like)]  # sigma > 0: its L1 norm is its sum
+        products = [a * d for a, d in zip(directions, steps, strict=True)]
+    columns = [_norms(sigma, 1, path, like), _norms(products, 1, path, like)]
     if weight_decay != 0:
         columns.append(_sq_norms(xs, path, like) * (weight_decay / 2))
     else:

@@ -17,9 +17,10 @@ A block whose raw gradient norm is below 1e-9 is left alone (weights and its v, 
 The published image-classification configuration (configs/koalapCNN.yaml) is sigma = q = 0.1, lr = 1; the class
 defaults of the authors' code are sigma = q = 1. This implementation uses the first as its defaults.
 
-Usage is KOALA's: `opt.step(loss=per_sample_losses)` after backward, or `opt.step(closure)`. The filter scalars are
-float64 tensors on the parameters' device and the skip is a mask, so `step()` does not synchronise with the device.
-It is a plain loop over tensors (a baseline to compare against, not tuned for speed).
+Usage is KOALA's: `opt.step(loss=per_sample_losses)` after backward, or `opt.step(closure)`. The state (v, H, S per
+tensor, R) is kept in each parameter's dtype, so `load_state_dict` restores it exactly; the arithmetic runs in
+float64. The skip is a mask, so `step()` does not synchronise with the device. It is a plain loop over tensors (a
+baseline to compare against, not tuned for speed).
 """
 
 from __future__ import annotations
@@ -101,11 +102,13 @@ class KoalaPlusPlus(torch.optim.Optimizer):
         values = values.to(device, torch.float64)
         big_l, m2 = values.mean(), values.square().mean()
         head = self.state[first]
-        if NOISE not in head:
-            head[NOISE] = torch.tensor(1.0, dtype=torch.float64, device=device)
+        # The state is kept in each parameter's dtype (so `load_state_dict`, which casts to it, restores it exactly);
+        # the arithmetic runs in float64.
+        noise = head.get(NOISE, torch.ones((), dtype=first.dtype, device=device)).to(torch.float64)
         if self.measurement_noise is None:
-            head[NOISE] = self.noise_decay * head[NOISE] + (1 - self.noise_decay) * m2
-            r = head[NOISE]
+            noise = self.noise_decay * noise + (1 - self.noise_decay) * m2
+            head[NOISE] = noise.to(first.dtype)
+            r = head[NOISE].to(torch.float64)
         else:
             r = torch.tensor(self.measurement_noise, dtype=torch.float64, device=device)
         q = self.q
@@ -123,12 +126,14 @@ class KoalaPlusPlus(torch.optim.Optimizer):
                 # A block's first accepted step starts from v_0 = sigma H, H_0 = H, S_0 = (sigma + Q) |H|^2 + R.
                 fresh_s = (self.sigma + q) * hh + r
                 if "v" not in state:
-                    state["v"], state["h"], state["s"] = self.sigma * h, h, fresh_s
-                    state["started"] = torch.zeros((), dtype=torch.bool, device=device)
-                started = state["started"]
-                v_prev = torch.where(started, state["v"], self.sigma * h)
-                h_prev = torch.where(started, state["h"], h)
-                s_prev = torch.where(started, state["s"], fresh_s)
+                    state["v"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["h"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["s"] = torch.zeros((), dtype=p.dtype, device=p.device)
+                    state["started"] = torch.zeros((), dtype=p.dtype, device=p.device)  # 0 or 1
+                started = state["started"] > 0
+                v_prev = torch.where(started, state["v"].reshape(-1).to(torch.float64), self.sigma * h)
+                h_prev = torch.where(started, state["h"].reshape(-1).to(torch.float64), h)
+                s_prev = torch.where(started, state["s"].to(torch.float64), fresh_s)
                 xx = h_prev.dot(h_prev)
                 xy = h_prev.dot(v_prev)
                 h_hp = h.dot(h_prev)
@@ -140,13 +145,13 @@ class KoalaPlusPlus(torch.optim.Optimizer):
                 v = (alpha - lam_k) * v_prev + q * (h - lam_k * h_prev) + w * h_prev
                 direction = v + q * h
                 s = direction.dot(h) + r
-                gap = lr * (big_l.to(device) + (0.5 * lam * flat.dot(flat) if lam else 0.0))
+                gap = lr * (big_l + (0.5 * lam * flat.dot(flat) if lam else 0.0))
                 coefficient = torch.where(ok, gap / s, 0.0)
                 p.sub_((coefficient * direction).reshape(p.shape).to(p.dtype))
-                state["v"] = torch.where(ok, v, state["v"])
-                state["h"] = torch.where(ok, h, state["h"])
-                state["s"] = torch.where(ok, s, state["s"])
-                state["started"] = started | ok
+                state["v"].copy_(torch.where(ok, v, v_prev).reshape(p.shape))
+                state["h"].copy_(torch.where(ok, h, h_prev).reshape(p.shape))
+                state["s"].copy_(torch.where(ok, s, s_prev))
+                state["started"].copy_((started | ok).to(p.dtype))
         return loss
 
 

@@ -1,0 +1,105 @@
+"""KoalaDiag's step time against KoalaM's (and fused Adam's), in the same process, on the shapes of
+bench/optimizer_step.py.
+
+    python bench/koala_diag_step.py [--sets resnet18-cifar,transformer-4l] [--repeats 100] [--weight-decay 0]
+
+Every optimizer steps its own copy of the parameters with a fixed random gradient and 128 fixed positive per-sample
+losses; rows are timed round-robin, one step each per round (bench/optimizer_step.py's `time_round_robin`), and the
+median over rounds is reported with the ratio to KoalaM's multi-tensor path. Issue 17 asks for at most 1.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from optimizer_step import BATCH, SEED, leaf_params, make_tensors, resnet18_cifar, small_transformer, time_round_robin
+
+from koala import KoalaDiag, KoalaM, diag_cpu_kernels
+from koala.optim import Path as StepPath
+
+SETS = {"resnet18-cifar": resnet18_cifar, "transformer-4l": small_transformer}
+
+
+class KoalaDiagTorchOps(KoalaDiag):
+    """KoalaDiag's multi-tensor path through `torch._foreach_*` alone (what runs where the CPU kernels do not)."""
+
+    def _diag_path(self, blocks: object) -> StepPath:  # type: ignore[override]
+        path = super()._diag_path(blocks)  # type: ignore[arg-type]
+        return "foreach" if path == "fused" else path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default="resnet18-cifar")
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--loop", action="store_true", help="also time the single-tensor loops (slow)")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu")
+    diag_cpu_kernels.warm_up(torch.float32)
+    losses = 0.5 + torch.rand(BATCH, generator=torch.Generator().manual_seed(SEED))
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} intra-op threads; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"weight decay {args.weight_decay:g}, median of {args.repeats} rounds\n"
+    )
+    for name in args.sets.split(","):
+        pset = SETS[name]()
+        weights, grads = make_tensors(pset.shapes, device, torch.float32, SEED)
+        builders = {
+            "Adam(fused=True)": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=args.weight_decay, fused=True),
+            "KoalaM(foreach=True)": lambda p: KoalaM(p, weight_decay=args.weight_decay, foreach=True),
+            "KoalaDiag(foreach=True)": lambda p: KoalaDiag(p, weight_decay=args.weight_decay, foreach=True),
+            "KoalaDiag(foreach=True, torch ops)": lambda p: KoalaDiagTorchOps(
+                p, weight_decay=args.weight_decay, foreach=True
+            ),
+        }
+        if args.loop:
+            builders["KoalaM(foreach=False)"] = lambda p: KoalaM(p, weight_decay=args.weight_decay, foreach=False)
+            builders["KoalaDiag(foreach=False)"] = lambda p: KoalaDiag(p, weight_decay=args.weight_decay, foreach=False)
+        steps = {}
+        for label, build in builders.items():
+            opt = build(leaf_params(weights, grads))
+            steps[label] = _stepper(opt, losses)
+        times = time_round_robin(steps, device, args.warmup, args.repeats)
+        medians = {label: statistics.median(t) for label, t in times.items()}
+        base = medians["KoalaM(foreach=True)"]
+        print(f"**{pset.name}**: {pset.description}; {len(pset.shapes)} tensors, {pset.numel / 1e6:.2f}M parameters\n")
+        print("| optimizer | median ms | IQR ms | x KoalaM(foreach=True) |")
+        print("| --- | ---: | ---: | ---: |")
+        for label, t in times.items():
+            q = statistics.quantiles(t, n=4)
+            median = medians[label]
+            print(f"| {label} | {median * 1e3:.2f} | {q[0] * 1e3:.2f}-{q[2] * 1e3:.2f} | {median / base:.2f} |")
+        print()
+    return 0
+
+
+def _stepper(opt: torch.optim.Optimizer, losses: Tensor):  # type: ignore[no-untyped-def]
+    if isinstance(opt, KoalaM | KoalaDiag):
+
+        def step() -> None:
+            opt.step(loss=losses)
+
+    else:
+
+        def step() -> None:
+            opt.step()
+
+    return step
+
+
+if __name__ == "__main__":
+    sys.exit(main())
