@@ -80,8 +80,18 @@ def create(name: str, params: ParamsT, **hyperparams: Any) -> torch.optim.Optimi
     return spec.factory(params, **{**spec.defaults, **hyperparams})
 
 
-def _sgd(params: ParamsT, lr: float = 0.1, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+def _sgd(
+    params: ParamsT,
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    # torch.optim.SGD's own parameter names and defaults, so a torch user's settings carry over unchanged.
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay
+    )
 
 
 def _momentum(
@@ -114,7 +124,7 @@ def _adamw(
 
 register(OptimizerSpec("koala-v", KoalaV, "KOALA-V: Kalman filter over the weights (hyperparameter-free)"))
 register(OptimizerSpec("koala-m", KoalaM, "KOALA-M: Kalman filter over weights and velocities (hyperparameter-free)"))
-register(OptimizerSpec("sgd", _sgd, "Plain SGD"))
+register(OptimizerSpec("sgd", _sgd, "SGD as torch.optim.SGD (plain by default; momentum, dampening, nesterov)"))
 register(OptimizerSpec("momentum", _momentum, "SGD with (heavy-ball or Nesterov) momentum"))
 register(OptimizerSpec("adam", _adam, "Adam (Kingma and Ba)"))
 register(OptimizerSpec("adamw", _adamw, "AdamW, decoupled weight decay (Loshchilov and Hutter)"))

@@ -116,7 +116,7 @@ def api(server_factory: Factory) -> LiveServer:
         ({"workload_config": {"hidden": -1}}, "workload_config"),
         ({"optimizers": []}, "optimizers"),
         ({"optimizers": [{"name": "lion"}]}, "optimizers.0.name"),
-        ({"optimizers": [{"name": "sgd", "params": {"momentum": 0.9}}]}, "optimizers.0"),
+        ({"optimizers": [{"name": "sgd", "params": {"betas": 0.9}}]}, "optimizers.0"),
         (
             {"optimizers": [{"name": "adam", "search": {"lr": {"low": 1, "high": 0.1}}, "trials": 2}]},
             "optimizers.0.search.lr",
@@ -213,7 +213,9 @@ def test_catalogue_and_health(api: LiveServer) -> None:
         assert workloads["digits-mlp"]["config"]["hidden"] == 128
         optimizers = {o["name"]: o for o in client.get("/v1/optimizers").json()}
         assert {"koala-v", "koala-m", "sgd", "momentum", "adam", "adamw"} <= set(optimizers)
-        assert {h["name"] for h in optimizers["sgd"]["hyperparameters"]} == {"lr", "weight_decay"}
+        sgd = {h["name"]: h for h in optimizers["sgd"]["hyperparameters"]}
+        assert set(sgd) == {"lr", "momentum", "dampening", "nesterov", "weight_decay"}  # torch.optim.SGD's names
+        assert (sgd["momentum"]["default"], sgd["momentum"]["type"], sgd["nesterov"]["type"]) == (0.0, "float", "bool")
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz").json()
         assert ready["database"] == "ok"
