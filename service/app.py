@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The API, with the scheduler unless `settings.run_scheduler` is off (extra API replicas)."""
     settings = settings or Settings()
     scheduler = settings.run_scheduler
-    store = Store(settings.database_url)
+    store = Store(settings.database_url, token_cache_seconds=settings.token_cache_seconds)
     if settings.migrate_on_start:
         store.migrate()
     storage = storage_for(settings.database_url)  # creates Optuna's tables on a new database

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30, description="Largest request body (413 above)")
     max_queued_jobs_per_owner: int = Field(default=20, ge=1, description="Queued jobs one token may have (429 above)")
     max_running_jobs_per_owner: int = Field(default=2, ge=1, description="Jobs of one token that run at once")
+    token_cache_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="How long 'does any token exist' is cached (a new first token takes effect after it)",
+    )
     session_seconds: float = Field(default=12 * 3600, gt=0, le=30 * 86400, description="Dashboard session lifetime")
     secure_cookies: bool = Field(default=False, description="Mark the session cookie Secure (always behind TLS)")
     trusted_proxies: str = Field(

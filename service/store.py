@@ -203,9 +203,10 @@ class JobRow:
 class Store:
     """Access to our tables. Thread-safe; one per process."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token_cache_seconds: float = 2.0) -> None:
         self.url = url
         self.engine = create_engine(url)
+        self.token_cache_seconds = token_cache_seconds
         self._tokens_cache: tuple[float, bool] | None = None
         self._lock = threading.Lock()
 
@@ -660,9 +661,10 @@ class Store:
         identity = self.token_identity(token)
         return identity[0] if identity else None
 
-    def has_tokens(self, max_age: float = 2.0) -> bool:
+    def has_tokens(self, max_age: float | None = None) -> bool:
         """Whether any API token was ever created (auth is on; revoking every token does not open the server),
-        cached briefly: tokens are created by another process."""
+        cached for `max_age` (default: token_cache_seconds): tokens are created by another process."""
+        max_age = self.token_cache_seconds if max_age is None else max_age
         with self._lock:
             cached = self._tokens_cache
             if cached is not None and time.monotonic() - cached[0] < max_age:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ def start_server(root: Path, name: str, **settings: str) -> LiveServer:
     cwd.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "RAY_ADDRESS"))}
     env.update({"KOALA_DATA_DIR": str(data_dir), "KOALA_DATABASE_URL": f"sqlite:///{data_dir / 'koala.db'}"})
-    env.update({"KOALA_RUN_SCHEDULER": "false", "KOALA_SCHEDULER_SECONDS": "0.5"})
+    env.update({"KOALA_RUN_SCHEDULER": "false", "KOALA_SCHEDULER_SECONDS": "0.5", "KOALA_TOKEN_CACHE_SECONDS": "0"})
     env.update({f"KOALA_{key.upper()}": value for key, value in settings.items()})
     return LiveServer(data_dir, env, cwd=cwd).start()
 
@@ -72,7 +71,6 @@ def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Liv
     tokens = {name: create_token(server, "--name", name) for name in ("alice", "bob", "mallory")}
     tokens["admin"] = create_token(server, "--name", "root", "--admin")
     tokens["ownerless-job"] = ownerless.json()["id"]
-    time.sleep(2.1)  # the server caches "are there tokens" for 2 s
     yield server, tokens
     server.stop()
 
@@ -292,7 +290,6 @@ def test_secure_cookie_behind_a_trusted_tls_proxy(tmp_path: Path) -> None:
     server = start_server(tmp_path, "proxy", trusted_proxies="127.0.0.1")
     try:
         token = create_token(server, "--name", "user")
-        time.sleep(2.1)
         own = f"https://127.0.0.1:{server.port}"
         with httpx.Client(base_url=server.url, headers={"Origin": own, "X-Forwarded-Proto": "https"}) as browser:
             response = browser.post("/ui/login", data={"token": token, "next": "/ui"})
