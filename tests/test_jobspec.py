@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from koala import optimizers
 from service.jobspec import JobSpec, Limits, SpecError, load_jobspec
 
 VALID: dict[str, Any] = {
@@ -36,16 +34,6 @@ def test_valid_spec_and_derived_values() -> None:
     assert spec.planned_trials() == 2 + 2 + (3 + 2)
     assert JobSpec.parse(with_changes(metric="val_loss")).direction == "minimize"
     assert JobSpec.parse(with_changes(seeds=[5, 7])).seed_list == [5, 7]
-
-
-def test_sgd_takes_torch_parameter_names() -> None:
-    """A torch user's SGD settings carry over: momentum, dampening and nesterov as torch.optim.SGD names them."""
-    sgd = {"name": "sgd", "params": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "dampening": 0.0}}
-    spec = JobSpec.parse(with_changes(optimizers=[sgd]))
-    assert spec.optimizers[0].params["momentum"] == 0.9
-    built = optimizers.create("sgd", [torch.nn.Parameter(torch.zeros(2))], **sgd["params"])
-    assert (built.defaults["momentum"], built.defaults["nesterov"]) == (0.9, True)
-    assert optimizers.create("sgd", [torch.nn.Parameter(torch.zeros(2))]).defaults["momentum"] == 0.0  # plain SGD
 
 
 def test_example_spec_loads() -> None:
