@@ -49,7 +49,7 @@ TIMING_FILE = "koala-timing.json"  # per-epoch and wall seconds, saved with a tr
 
 
 @dataclass(frozen=True)
-class Event:
+class TrialEvent:
     """Progress of a job, for live displays: kind is started, epoch or finished."""
 
     kind: str
@@ -61,7 +61,7 @@ class Event:
     state: str | None = None
 
 
-EventSink = Callable[[Event], None]
+EventSink = Callable[[TrialEvent], None]
 
 
 @dataclass
@@ -121,7 +121,7 @@ class JobSearcher(Searcher):
             else:
                 opened = self.recorder.open(planned.entry, planned.phase, planned.seed, planned.fixed)
             self.running[trial_id] = opened
-        self.on_event(Event("started", planned.entry.name, planned.phase, planned.seed))
+        self.on_event(TrialEvent("started", planned.entry.name, planned.phase, planned.seed))
         return {
             "optimizer": planned.entry.name,
             "hyperparams": opened.hyperparams,
@@ -145,7 +145,7 @@ class JobSearcher(Searcher):
         if result.get("node") and result["node"] != opened.node:  # where it runs now (a retry may move it)
             opened.node = result["node"]
             opened.trial.set_user_attr("node", opened.node)
-        self.on_event(Event("epoch", opened.optimizer, opened.phase, opened.seed, int(result["epoch"]), value))
+        self.on_event(TrialEvent("epoch", opened.optimizer, opened.phase, opened.seed, int(result["epoch"]), value))
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         with self.lock:
@@ -169,7 +169,7 @@ class JobSearcher(Searcher):
                 if self.tuning_left[optimizer] == 0:
                     del self.tuning_left[optimizer]
                     self._plan_evaluation(optimizer)
-        self.on_event(Event("finished", optimizer, opened.phase, opened.seed, state=state.name))
+        self.on_event(TrialEvent("finished", optimizer, opened.phase, opened.seed, state=state.name))
 
     # ---- internals -------------------------------------------------------------------------------------------------
 

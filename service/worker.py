@@ -32,7 +32,7 @@ import ray
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from service.engine import Event, run_job
+from service.engine import TrialEvent, run_job
 from service.jobspec import JobSpec, SpecError
 from service.recorder import GuardedStorage, Recorder, close_running, storage_for
 from service.retry import DatabaseUnavailableError, retry
@@ -166,7 +166,7 @@ def drive(job_id: str, generation: int, settings: Settings) -> str:
     progress = _progress_from_studies(recorder, spec)
     lease.progress(progress)
 
-    def on_event(event: Event) -> None:
+    def on_event(event: TrialEvent) -> None:
         where = {"optimizer": event.optimizer, "phase": event.phase, "seed": event.seed}
         if event.kind == "epoch":
             lease.event("epoch", {**where, "epoch": event.epoch, "value": event.value})

@@ -22,7 +22,7 @@ import ray
 import yaml
 from optuna.trial import TrialState
 
-from service.engine import Event, run_job
+from service.engine import TrialEvent, run_job
 from service.jobspec import JobSpec
 from service.recorder import Recorder, job_study_names, storage_for
 from service.report import build_report
@@ -75,7 +75,7 @@ def test_fixed_and_tuned_with_asha(local_ray: None, storage: optuna.storages.Bas
             {"name": "adam", "search": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}, "trials": 4},
         ],
     )
-    events: list[Event] = []
+    events: list[TrialEvent] = []
     outcome = run_job(job, Recorder(storage, "e2e", job), on_event=events.append)
     assert outcome.state == "succeeded", outcome.error
 
@@ -151,7 +151,7 @@ def test_stop_midway_leaves_no_running_trial(local_ray: None, storage: optuna.st
     job = spec(epochs=30, seeds=3, optimizers=[{"name": "koala-v"}, {"name": "adam"}])
     stop = threading.Event()
 
-    def on_event(event: Event) -> None:
+    def on_event(event: TrialEvent) -> None:
         if event.kind == "epoch":
             stop.set()  # the service's cancel: as soon as some trial has reported an epoch
 

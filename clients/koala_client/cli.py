@@ -65,7 +65,7 @@ def main() -> None:
 @click.option("--job-id", help="Job id (studies are named job-{id}/{optimizer}) [default: a new random id]")
 def run(spec_file: Path, database_url: str | None, out_dir: Path | None, job_id: str | None) -> None:
     """Run the comparison in SPEC_FILE (YAML or JSON) here, without a server."""
-    from service.engine import Event, run_job
+    from service.engine import TrialEvent, run_job
     from service.jobspec import SpecError, load_jobspec
     from service.recorder import Recorder, storage_for
     from service.report import build_report
@@ -97,7 +97,7 @@ def run(spec_file: Path, database_url: str | None, out_dir: Path | None, job_id:
             for entry in spec.optimizers
         }
 
-        def on_event(event: Event) -> None:
+        def on_event(event: TrialEvent) -> None:
             if event.kind == "epoch" and event.value is not None:
                 current = best.get(event.optimizer)
                 best[event.optimizer] = event.value if current is None else direction_best(current, event.value)
