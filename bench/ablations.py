@@ -7,6 +7,7 @@ the table covers every configuration ever tried, failures included.
     python bench/ablations.py run NAME [NAME ...] [--jobs 2] [--seeds 3] [--workloads a,b]
     python bench/ablations.py table [--markdown PATH]      # every configuration in the outcomes file
     python bench/ablations.py list
+    python bench/ablations.py heldout [--table]            # the held-out check (other configurations, fixed)
 
 Configurations are named in `CONFIGS`: a registry optimizer and its hyperparameters. `kalman-lab` is
 `bench/kalman_lab.py` (KOALA-V's structure with one switch per hypothesis).
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kalman_lab import KalmanLab
-from quality import SETTINGS
+from quality import GRIDS, SETTINGS, Setting
 
 from koala import diag_cpu_kernels, optimizers, train, workloads
 
@@ -180,16 +181,36 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
+# A held-out check, fixed before it was run: other configurations of the same four workloads, never used to choose
+# anything; the winner at its defaults against KOALA-M, KOALA-V, Prodigy and the 5-point grids of bench/quality.py.
+HELDOUT: dict[str, Setting] = {
+    "digits-mlp": Setting({"hidden": 32, "batch_size": 64}, epochs=10, target=0.96),
+    "digits-cnn": Setting({"hidden": 16, "batch_size": 16}, epochs=10, target=0.97),
+    "noisy-quadratic": Setting({"dimension": 300, "condition": 1e6, "batch_size": 128}, epochs=10, target=75.0),
+    "char-lm": Setting({"limit_chars": 100_000, "seq_len": 32, "layers": 2, "dropout": 0.1}, epochs=3, target=10.0),
+}
+HELDOUT_OUTCOMES = Path(__file__).resolve().parent / "ablations-heldout.jsonl"
+HELDOUT_CONFIGS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "koala-diag": ("koala-diag", {}, "the winner"),
+    "koala-m": ("koala-m", {}, "faithful KOALA-M"),
+    "koala-v": ("koala-v", {}, "faithful KOALA-V"),
+    "prodigy": ("prodigy", {}, "Prodigy at its defaults"),
+    **{f"momentum lr={lr:g}": ("momentum", {"lr": lr}, "grid") for lr in GRIDS["momentum"]},
+    **{f"adam lr={lr:g}": ("adam", {"lr": lr}, "grid") for lr in GRIDS["adam"]},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Trial:
     config: str
     workload: str
     seed: int
+    heldout: bool = False
 
 
 def run_trial(trial: Trial) -> dict[str, Any]:
-    optimizer, hyperparams, _ = CONFIGS[trial.config]
-    setting = SETTINGS[trial.workload]
+    optimizer, hyperparams, _ = (HELDOUT_CONFIGS if trial.heldout else CONFIGS)[trial.config]
+    setting = (HELDOUT if trial.heldout else SETTINGS)[trial.workload]
     started = time.perf_counter()
     try:
         result = train.run(
@@ -222,9 +243,10 @@ def _init_worker() -> None:
     diag_cpu_kernels.warm_up()  # also koala.cpu_kernels'; outside every trial's time
 
 
-def run(names: list[str], seeds: int, jobs: int, names_of_workloads: list[str]) -> None:
-    trials = [Trial(n, w, s) for n in names for w in names_of_workloads for s in range(seeds)]
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker) as pool, OUTCOMES.open("a") as log:
+def run(names: list[str], seeds: int, jobs: int, names_of_workloads: list[str], heldout: bool = False) -> None:
+    trials = [Trial(n, w, s, heldout) for n in names for w in names_of_workloads for s in range(seeds)]
+    path = HELDOUT_OUTCOMES if heldout else OUTCOMES
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker) as pool, path.open("a") as log:
         futures = [pool.submit(run_trial, t) for t in trials]
         for done, future in enumerate(as_completed(futures), start=1):
             outcome = future.result()
@@ -240,10 +262,10 @@ def run(names: list[str], seeds: int, jobs: int, names_of_workloads: list[str]) 
             )
 
 
-def load() -> list[dict[str, Any]]:
-    if not OUTCOMES.exists():
+def load(path: Path = OUTCOMES) -> list[dict[str, Any]]:
+    if not path.exists():
         return []
-    return [json.loads(line) for line in OUTCOMES.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def cell(outcomes: list[dict[str, Any]], workload: str) -> tuple[float, float, int, int]:
@@ -259,16 +281,18 @@ def cell(outcomes: list[dict[str, Any]], workload: str) -> tuple[float, float, i
     return statistics.mean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0, len(finals), diverged
 
 
-def table() -> str:
-    outcomes = load()
+def table(path: Path = OUTCOMES) -> str:
+    outcomes = load(path)
     order: list[str] = []
     for o in outcomes:
         if o["config"] not in order:
             order.append(o["config"])
-    header = "| configuration | " + " | ".join(WORKLOADS) + " |"
-    lines = [header, "| --- |" + " ---: |" * len(WORKLOADS)]
+    header = "| configuration | optimizer and settings | " + " | ".join(WORKLOADS) + " |"
+    lines = [header, "| --- | --- |" + " ---: |" * len(WORKLOADS)]
     for name in order:
-        cells = []
+        first = next(o for o in outcomes if o["config"] == name)
+        settings = " ".join(f"{k}={v}" for k, v in first["hyperparams"].items())
+        cells = [f"{first['optimizer']} {settings}".strip()]
         for w in WORKLOADS:
             members = [o for o in outcomes if o["config"] == name and o["workload"] == w]
             mean, std, n, diverged = cell(members, w)
@@ -286,6 +310,40 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def heldout_table() -> str:
+    """The held-out runs: every configuration, then per workload the grid-best baselines and the verdict."""
+    outcomes = load(HELDOUT_OUTCOMES)
+    lines = [table(HELDOUT_OUTCOMES), ""]
+    for w in WORKLOADS:
+        maximise = workloads.workload_class(w).mode == "max"
+        cells = {
+            name: cell([o for o in outcomes if o["config"] == name and o["workload"] == w], w)
+            for name in HELDOUT_CONFIGS
+        }
+        if any(c[2] == 0 for c in cells.values()):
+            continue
+        sign = 1 if maximise else -1
+
+        def key(name: str, cells: dict[str, tuple[float, float, int, int]] = cells, sign: int = sign) -> float:
+            return sign * cells[name][0]
+
+        best = {grid: max((n for n in cells if n.startswith(grid + " ")), key=key) for grid in GRIDS}
+        top = max(best.values(), key=key)
+        mean, std = cells[top][0], cells[top][1]
+        diag = cells["koala-diag"][0]
+        koala_m = cells["koala-m"]
+        within = (diag >= mean - std) if maximise else (diag <= mean + std)
+        not_worse = (diag >= koala_m[0] - koala_m[1]) if maximise else (diag <= koala_m[0] + koala_m[1])
+        lines.append(
+            f"- {w} ({HELDOUT[w].config}): grid-best {', '.join(f'{g} {n.split()[-1]}' for g, n in best.items())}; "
+            f"best {top} {mean:.4g} ± {std:.2g}; koala-diag {diag:.4g}: "
+            f"{'within one std or better' if within else 'outside one std'}; "
+            f"{'not worse than' if not_worse else 'worse than'} KOALA-M ({koala_m[0]:.4g} ± {koala_m[1]:.2g}) "
+            "by more than one std"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,7 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     table_parser = sub.add_parser("table")
     table_parser.add_argument("--markdown")
     sub.add_parser("list")
+    heldout_parser = sub.add_parser("heldout", help="run (or with --table only summarise) the held-out check")
+    heldout_parser.add_argument("--table", action="store_true")
+    heldout_parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    heldout_parser.add_argument("--workloads", default=",".join(WORKLOADS))
     args = parser.parse_args(argv)
+    if args.command == "heldout":
+        if not args.table:
+            run(list(HELDOUT_CONFIGS), 3, args.jobs, args.workloads.split(","), heldout=True)
+        print(heldout_table())
+        return 0
     if args.command == "list":
         for name, (optimizer, hyperparams, note) in CONFIGS.items():
             print(f"{name}: {optimizer} {hyperparams} -- {note}")
