@@ -63,8 +63,8 @@ class KoalaDiag(_KalmanOptimizer):
         x_b      <- x_b - lr_b s^ (L + sum_b lam_b/2 |x_b|^2) / S * D_b a_b                        (eqs. 12, 57)
         s         = s^ R_k / S,   s^_{k+1} = s + q                                               (eq. 13, predict)
 
-    With D = I, R from the losses' second moment and per-block innovations this is `KoalaV` (with the augmented
-    direction). The step is a Kalman gain times a preconditioned gradient: a Polyak-type step (L - target) / G along
+    With D = I, R from the losses' second moment, every loss element a sample and per-block innovations this is
+    `KoalaV` (with the augmented direction). The step is a Kalman gain times a preconditioned gradient: a Polyak-type step (L - target) / G along
     D a when s^ G >> R, a step of s^ (L - target) / R otherwise; D = c / sigma gives each parameter Adam's scaling
     and leaves the filter's scalar s on KOALA's scale. The update is invariant to rescaling the loss (once R has
     adapted): D, the gap / S and the direction compensate.
