@@ -1,4 +1,4 @@
-"""KOALA ablations on the embedded workloads (issue 17), on the protocol of bench/quality.py.
+"""KOALA ablations on the embedded workloads, on the protocol of bench/quality.py.
 
 Every configuration runs on the four embedded workloads (the settings and epochs of bench/quality.py) for 3 seeds,
 at fixed hyperparameters: nothing here is tuned per workload. Each finished trial is appended to a JSONL file, so

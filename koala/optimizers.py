@@ -191,7 +191,7 @@ if _installed("dadaptation"):
     register(OptimizerSpec("dadapt-adam", _dadapt_adam, "D-Adaptation Adam (Defazio and Mishchenko)"))
 
 
-# ---- KOALA beyond the paper (issue 17) -------------------------------------------------------------------------------
+# ---- KOALA beyond the paper: the variant the ablations chose, and KOALA++ to compare with ------------------------
 
 from koala.koala_plus_plus import KoalaPlusPlus  # noqa: E402
 
