@@ -64,10 +64,10 @@ class KoalaDiag(_KalmanOptimizer):
         s         = s^ R_k / S,   s^_{k+1} = s + q                                               (eq. 13, predict)
 
     With D = I, R from the losses' second moment, every loss element a sample and per-block innovations this is
-    `KoalaV` (with the augmented direction). The step is a Kalman gain times a preconditioned gradient: a Polyak-
-    type step (L - target) / G along D a when s^ G >> R, a step of s^ (L - target) / R otherwise; D = c / sigma
-    gives each parameter Adam's scaling and leaves the filter's scalar s on KOALA's scale. The update is invariant
-    to rescaling the loss (once R has adapted): D, the gap / S and the direction compensate.
+    `KoalaV` (with the augmented direction). The step is a Kalman gain times a preconditioned gradient: a
+    Polyak-type step (L - target) / G along D a when s^ G >> R, a step of s^ (L - target) / R otherwise; D = c /
+    sigma gives each parameter Adam's scaling and leaves the filter's scalar s on KOALA's scale. The update is
+    invariant to rescaling the loss (once R has adapted): D, the gap / S and the direction compensate.
 
     Departures from the paper (and from `KoalaV`), each a measured ablation (bench/RESULTS.md, "KOALA ablations"):
         A1 diagonal prior covariance P = s D with D from Adam's second moment (beta2 = 0.999, eps = 1e-8, bias
