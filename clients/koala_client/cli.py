@@ -93,8 +93,7 @@ def run(spec_file: Path, database_url: str | None, out_dir: Path | None, job_id:
     best: dict[str, float] = {}
     with _progress() as progress:
         tasks = {
-            entry.name: progress.add_task(entry.name, total=spec.trials_of(entry), best="")
-            for entry in spec.optimizers
+            entry.name: progress.add_task(entry.name, total=spec.trials_of(entry), best="") for entry in spec.optimizers
         }
 
         def on_event(event: TrialEvent) -> None:
