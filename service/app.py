@@ -38,6 +38,8 @@ from service.report import build_report
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.store import BadCursorError, IdempotencyConflictError, JobRow, Store, body_hash
+from service.uploads import Sweeper, Uploads, check_submission, job_upload
+from service.uploads import router as uploads_router
 
 log = logging.getLogger("service")
 EVENT_POLL_SECONDS = 0.5
@@ -71,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store.migrate()
     storage = storage_for(settings.database_url)  # creates Optuna's tables on a new database
     runner = Scheduler(store, storage, settings)
+    uploads = Uploads(store)
+    sweeper = Sweeper(uploads, settings)  # deletes uploads past their retention period
     workloads.registry()  # the workloads a job may name: built-ins and entry points, loaded once, now
 
     @asynccontextmanager
@@ -82,8 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         if scheduler:
             runner.start()
+            sweeper.start()
         yield
         if scheduler:
+            sweeper.stop()
             runner.stop()
         store.close()
 
@@ -101,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.storage = storage
     app.state.scheduler = runner
+    app.state.uploads = uploads
     app.add_middleware(Guard, settings=settings, store=store)
     _install_error_handlers(app)
 
@@ -118,6 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         problems = spec.cross_check() + spec.check_limits(settings.limits)
         if problems:
             raise SpecError([{"field": field, "message": message} for field, message in problems])
+        if spec.upload is not None:  # 403 without the permission, 404 for another owner's upload
+            await run_in_threadpool(check_submission, uploads, settings, who, spec)
         queued = store.count_jobs(who.owner, ["queued"])
         if queued >= settings.max_queued_jobs_per_owner:
             raise ProblemError(
@@ -139,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 owner=who.owner,
                 idempotency_key=idempotency_key,
                 request_hash=body_hash(body),
+                upload=spec.upload,
             )
         except IdempotencyConflictError as error:
             raise ProblemError(422, "Idempotency-Key reused", str(error), field="Idempotency-Key") from None
@@ -169,8 +179,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}", response_model=schemas.Job, tags=["jobs"])
     async def get_job(job: VisibleJob) -> schemas.Job:
-        """Spec, state, progress (trials done/total per optimizer), timestamps and error of a job."""
-        return job.to_schema()
+        """Spec, state, progress (trials done/total per optimizer), timestamps and error of a job, and the digest
+        and file list of the workload pack it runs, if it was uploaded."""
+        shown = job.to_schema()
+        if job.upload is not None:
+            shown.upload = await run_in_threadpool(job_upload, uploads, job)
+        return shown
 
     @app.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=schemas.Job, tags=["jobs"])
     def cancel_job(job_id: str, visible: VisibleJob) -> schemas.Job:
@@ -258,6 +272,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ProblemError(503, "Not ready", problem if detailed else "not ready")
         return {"status": "ready", "database": "ok", "ray": ray} if detailed else {"status": "ready"}
 
+    app.include_router(uploads_router)
     mount_dashboard(app)
     return app
 

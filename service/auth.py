@@ -9,7 +9,8 @@ exist" is, briefly).
 `Guard`, an ASGI middleware in front of everything, answers before the application reads a request:
 - the `Host` header must be one this server answers to (DNS rebinding: a hostile page whose name resolves to
   127.0.0.1 would otherwise drive an open server from the browser);
-- a body larger than `max_body_bytes` is 413, by its Content-Length or as it streams in;
+- a body larger than `max_body_bytes` (`max_upload_bytes` for POST /v1/uploads) is 413, by its Content-Length or
+  as it streams in;
 - on a server with tokens, a request to /v1 without a valid credential is 401 before its body is read;
 - a state-changing request that is not authenticated by a bearer token (a cookie, or open mode) must come from this
   server's own pages: `Sec-Fetch-Site` same-origin/none and `Origin` equal to the request's host, when sent (CSRF).
@@ -35,17 +36,21 @@ SESSION_COOKIE = "koala_session"  # the dashboard's session id (HttpOnly, SameSi
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/workloads", "/v1/optimizers"})  # answer without a token
+UPLOADS_PATH = "/v1/uploads"  # POST: a workload pack, whose size limit is its own
 
 
 @dataclass(frozen=True)
 class Caller:
     """Who is calling: `owner` is the token id (None in open mode); `restricted` when tokens are configured;
-    `admin` tokens also see ownerless jobs; `bearer` when authenticated by the Authorization header."""
+    `admin` tokens also see ownerless jobs; `bearer` when authenticated by the Authorization header;
+    `allow_uploads` when the token may upload workload code whatever the server's setting (open mode: the user owns
+    the machine)."""
 
     owner: str | None
     restricted: bool
     admin: bool = False
     bearer: bool = False
+    allow_uploads: bool = False
 
     def may_see(self, job: JobRow) -> bool:
         if not self.restricted:
@@ -67,18 +72,18 @@ def identify(store: Store, headers: Headers, cookies: dict[str, str]) -> Caller:
     and neither is valid."""
     scheme, _, token = (headers.get("authorization") or "").partition(" ")
     if not store.has_tokens():
-        return Caller(None, restricted=False, admin=True, bearer=scheme.lower() == "bearer")
+        return Caller(None, restricted=False, admin=True, bearer=scheme.lower() == "bearer", allow_uploads=True)
     if scheme.lower() == "bearer" and token.strip():
         identity = store.token_identity(token.strip())
         if identity is None:
             raise ProblemError(401, "Unauthorized", "unknown or revoked API token")
-        return Caller(identity[0], restricted=True, admin=identity[1], bearer=True)
+        return Caller(identity[0], restricted=True, admin=identity[1], bearer=True, allow_uploads=identity[2])
     session_id = cookies.get(SESSION_COOKIE, "").strip()
     if session_id:
         identity = store.session_identity(session_id)
         if identity is None:
             raise ProblemError(401, "Unauthorized", "the session has expired or was ended: sign in again")
-        return Caller(identity[0], restricted=True, admin=identity[1])
+        return Caller(identity[0], restricted=True, admin=identity[1], allow_uploads=identity[2])
     raise ProblemError(401, "Unauthorized", "this server needs an API token: send `Authorization: Bearer TOKEN`")
 
 
@@ -165,7 +170,12 @@ class Guard:
         except ProblemError as error:
             await error.response()(scope, receive, send)
             return
-        await self.app(scope, self._limited(receive), send)
+        await self.app(scope, self._limited(receive, self._body_limit(scope)), send)
+
+    def _body_limit(self, scope: Scope) -> int:
+        if scope["method"] == "POST" and scope["path"] == UPLOADS_PATH:
+            return self.settings.max_upload_bytes
+        return self.settings.max_body_bytes
 
     def _check(self, scope: Scope) -> None:
         headers = Headers(scope=scope)
@@ -178,10 +188,8 @@ class Guard:
         if length is not None:
             if not length.isdigit():
                 raise ProblemError(400, "Bad Request", "Content-Length must be a number of bytes")
-            if int(length) > self.settings.max_body_bytes:
-                raise ProblemError(
-                    413, "Request body too large", BodyTooLargeError(self.settings.max_body_bytes).detail
-                )
+            if int(length) > self._body_limit(scope):
+                raise ProblemError(413, "Request body too large", BodyTooLargeError(self._body_limit(scope)).detail)
         method: str = scope["method"]
         if path.startswith("/v1/") and path not in PUBLIC_PATHS:
             cookies = _cookies(headers)
@@ -197,8 +205,8 @@ class Guard:
                 "this server's own pages; programs authenticate with `Authorization: Bearer TOKEN`",
             )
 
-    def _limited(self, receive: Receive) -> Receive:
-        limit, received = self.settings.max_body_bytes, 0
+    def _limited(self, receive: Receive, limit: int) -> Receive:
+        received = 0
 
         async def limited() -> Message:
             nonlocal received

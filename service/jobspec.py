@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     TypeAdapter,
     ValidationError,
@@ -46,6 +48,9 @@ MAX_SECONDS = 30 * 24 * 3600.0  # a time limit a job may ask for
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 TRUSTED = "trusted"  # validation context key: the spec comes from the user's own machine (`koala run`)
+UPLOAD_DIGEST = r"^sha256:[0-9a-f]{64}$"
+# "package.module:Class", as a workload inside an upload is named (checked for its form only: never imported here)
+MODULE_CLASS = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
 
 
 class Limits(BaseModel):
@@ -169,7 +174,16 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(default="", max_length=MAX_NAME)
-    workload: str = Field(max_length=MAX_NAME, description="A registered workload name (GET /v1/workloads)")
+    upload: str | None = Field(
+        default=None,
+        pattern=UPLOAD_DIGEST,
+        description="The digest (`sha256:...`) of a workload pack stored with POST /v1/uploads: its code runs on the "
+        "Ray nodes with the job, and `workload` may then name `package.module:Class` inside it",
+    )
+    workload: str = Field(
+        max_length=MAX_NAME,
+        description="A registered workload name (GET /v1/workloads), or with `upload` a `package.module:Class` in it",
+    )
     workload_config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
     epochs: Annotated[int, Field(ge=1, le=100_000)] = 10
     seeds: (
@@ -188,14 +202,50 @@ class JobSpec(BaseModel):
         default=None, description="Wall-clock seconds the whole job may run (at most the server's limit)"
     )
     optimizers: list[OptimizerEntry] = Field(min_length=1, max_length=MAX_OPTIMIZERS)
+    # An uploaded workload's default metric and the direction of each metric, once a check on the cluster has read
+    # them (`with_checked_workload`): the process holding this spec never imports the uploaded code.
+    _checked_workload: tuple[str, dict[str, str]] | None = PrivateAttr(default=None)
 
     @field_validator("workload")
     @classmethod
     def _known_workload(cls, name: str, info: ValidationInfo) -> str:
         # Only a spec from the user's own machine may name "module:Class" (which imports it); a spec sent to the
-        # service names a registered workload, and an unknown name is refused without importing anything.
-        workloads.workload_class(name, allow_import=_trusted(info))  # raises ValueError listing the valid names
+        # service names a registered workload, and an unknown name is refused without importing anything. With an
+        # upload, "module:Class" names code inside it, which is checked where it runs (on the Ray nodes), never here.
+        if info.data.get("upload") is not None and name not in workloads.registry():
+            if not MODULE_CLASS.fullmatch(name):
+                raise ValueError(
+                    f"with an upload, workload is 'package.module:Class' (a Workload subclass in the upload) or a "
+                    f"registered name; got {name!r}"
+                )
+            return name
+        try:
+            workloads.workload_class(name, allow_import=_trusted(info))  # raises ValueError listing the valid names
+        except ValueError as error:
+            if _trusted(info) or not MODULE_CLASS.fullmatch(name):
+                raise
+            raise ValueError(f"{error}; or send its code with the job (`koala submit --workload-dir DIR`)") from None
         return name
+
+    @property
+    def uploaded_workload(self) -> bool:
+        """Whether the workload is code from the job's upload (known only where the upload is unpacked)."""
+        return self.upload is not None and self.workload not in workloads.registry()
+
+    def with_checked_workload(self, metric: str, modes: Mapping[str, str]) -> JobSpec:
+        """This spec, knowing its uploaded workload's default `metric` and the direction of each metric (`modes`),
+        as a check of the workload on the cluster reported them."""
+        checked = self.model_copy()
+        checked._checked_workload = (metric, dict(modes))
+        return checked
+
+    def _workload_metrics(self) -> tuple[str, dict[str, str]]:
+        if self._checked_workload is not None:
+            return self._checked_workload
+        if self.uploaded_workload:
+            raise ValueError(f"the uploaded workload {self.workload!r} is known only once checked on the cluster")
+        cls = workloads.workload_class(self.workload)
+        return cls.metric, dict(cls.metric_modes())
 
     @field_validator("workload_config")
     @classmethod
@@ -221,8 +271,15 @@ class JobSpec(BaseModel):
         """Checks that involve several fields, as (field, message) pairs (empty when the spec is consistent).
 
         Unless `trusted`, the workload config may not name a path: a server reads datasets from its own data
-        directory, never from where a client points it."""
+        directory, never from where a client points it. An uploaded workload's config and metric are checked where
+        its code runs (the job's first step on the cluster), not here."""
         problems = []
+        if trusted and self.upload is not None:
+            message = "names a pack stored on a server; to run here, put the workload's package on PYTHONPATH instead"
+            problems.append(("upload", message))
+        if self.uploaded_workload:
+            problems += self._plain_checks()
+            return problems
         if not trusted:
             cls = workloads.workload_class(self.workload, allow_import=False)
             for key in sorted(set(cls.Config.path_fields()) & set(self.workload_config)):
@@ -235,15 +292,20 @@ class JobSpec(BaseModel):
             cls.Config.from_mapping(self.workload, self.workload_config)  # unknown keys, types, ranges
         except ValueError as error:
             problems.append(("workload_config", str(error)))
-        names = [entry.name for entry in self.optimizers]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            problems.append(("optimizers", f"duplicate entries for {', '.join(duplicates)}"))
         known = cls.metric_modes()
         if self.metric is not None and self.metric not in known:
             problems.append(
                 ("metric", f"{self.metric!r} is not reported by {self.workload}; valid: {', '.join(known)}")
             )
+        return problems + self._plain_checks()
+
+    def _plain_checks(self) -> list[tuple[str, str]]:
+        """The cross-field checks that do not involve the workload."""
+        problems = []
+        names = [entry.name for entry in self.optimizers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            problems.append(("optimizers", f"duplicate entries for {', '.join(duplicates)}"))
         if self.scheduler == "asha" and not any(entry.tuned for entry in self.optimizers):
             problems.append(("scheduler", "asha early-stops tuning trials, but no optimizer is tuned"))
         return problems
@@ -256,12 +318,12 @@ class JobSpec(BaseModel):
 
     @property
     def metric_name(self) -> str:
-        return self.metric or workloads.workload_class(self.workload).metric
+        return self.metric or self._workload_metrics()[0]
 
     @property
     def direction(self) -> Literal["maximize", "minimize"]:
         """The metric's direction, as the workload declares it."""
-        mode = workloads.workload_class(self.workload).metric_modes()[self.metric_name]
+        mode = self._workload_metrics()[1][self.metric_name]
         return "maximize" if mode == "max" else "minimize"
 
     def trials_of(self, entry: OptimizerEntry) -> int:

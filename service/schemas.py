@@ -15,6 +15,46 @@ TERMINAL_STATES: frozenset[str] = frozenset({"cancelled", "succeeded", "failed"}
 JOB_STATES: tuple[str, ...] = ("queued", "running", "cancelling", "cancelled", "succeeded", "failed")
 
 
+class UploadFile(BaseModel):
+    """A file of an uploaded workload pack."""
+
+    path: str  # relative, with "/" separators, starting with the workload directory's name
+    size: int  # bytes, unpacked
+
+
+class JobUpload(BaseModel):
+    """The workload pack a job runs (its code, shipped to the Ray nodes with the job)."""
+
+    digest: str  # "sha256:<hex>" of the pack's bytes
+    size: int | None = None  # bytes of the pack; with files, shown by GET /v1/jobs/{id} while the upload is stored
+    files: list[UploadFile] | None = None
+
+
+class Upload(BaseModel):
+    """A workload pack stored by POST /v1/uploads, as its owner sees it."""
+
+    digest: str  # "sha256:<hex>" of the pack's bytes: what a JobSpec's `upload` names
+    size: int  # bytes of the pack (a zip archive)
+    unpacked_size: int
+    file_count: int
+    files: list[UploadFile] | None = None  # listed for one upload, not in lists
+    requirements: list[str] = Field(default_factory=list)  # the requirement lines of its requirements.txt, if any
+    created_at: datetime
+    last_used_at: datetime
+    jobs: int = 0  # jobs of its owner that ran or will run it
+
+
+class UploadLimits(BaseModel):
+    """What this server accepts in POST /v1/uploads, for this caller."""
+
+    allowed: bool  # whether the caller may upload code at all
+    detail: str | None = None  # why not, and how an operator allows it
+    max_bytes: int
+    max_files: int
+    max_unpacked_bytes: int
+    package_installs: bool  # whether a pack's requirements.txt is installed (else such a job is refused)
+
+
 class OptimizerProgress(BaseModel):
     done: int  # trials finished (any final state)
     total: int  # trials planned
@@ -37,6 +77,7 @@ class Job(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     attempts: int = 0  # driver starts (more than one after a resume)
+    upload: JobUpload | None = None  # the uploaded workload pack the job runs, if any
 
 
 class JobPage(BaseModel):
@@ -105,6 +146,7 @@ class TokenCreated(BaseModel):
     name: str
     token: str  # shown once; only its hash is stored
     admin: bool = False
+    allow_uploads: bool = False  # may upload workload code (POST /v1/uploads)
 
 
 class TokenInfo(BaseModel):
@@ -115,6 +157,7 @@ class TokenInfo(BaseModel):
     admin: bool
     created_at: datetime
     revoked_at: datetime | None = None
+    allow_uploads: bool = False
 
 
 class Problem(BaseModel):

@@ -65,6 +65,30 @@ class Settings(BaseSettings):
     trusted_proxies: str = Field(
         default="", description="Proxy addresses whose X-Forwarded-Proto/-For are believed (uvicorn's list syntax)"
     )
+    # ---- uploaded workloads: code a client sends with its job, run on the Ray nodes ----
+    allow_uploads: bool = Field(
+        default=False,
+        description="Every token may upload workload code (otherwise only tokens created with `koala token create "
+        "--allow-uploads`; an open server on loopback always may)",
+    )
+    max_upload_bytes: int = Field(default=20 << 20, ge=1024, le=1 << 31, description="Largest workload pack (413)")
+    max_upload_files: int = Field(default=1000, ge=1, le=100_000, description="Most entries in a workload pack")
+    max_upload_unpacked_bytes: int = Field(
+        default=200 << 20, ge=1024, le=1 << 34, description="Most bytes a workload pack may unpack to"
+    )
+    allow_package_installs: bool = Field(
+        default=False,
+        description="Install the requirements.txt of a workload pack with Ray's pip runtime environment (otherwise "
+        "a job whose pack has one is refused)",
+    )
+    upload_retention_seconds: float = Field(
+        default=7 * 86400.0,
+        ge=0,
+        description="Keep an upload this long after the last job that ran it ended (or after its last use)",
+    )
+    upload_check_seconds: float = Field(
+        default=600.0, gt=0, description="How long checking an uploaded workload on the cluster may take (installs too)"
+    )
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -89,6 +113,10 @@ class Settings(BaseSettings):
             "KOALA_MAX_JOB_SECONDS": str(self.max_job_seconds),
             "KOALA_KEEP_SCRATCH_SECONDS": str(self.keep_scratch_seconds),
             "KOALA_DB_RETRY_SECONDS": str(self.db_retry_seconds),
+            "KOALA_MAX_UPLOAD_FILES": str(self.max_upload_files),
+            "KOALA_MAX_UPLOAD_UNPACKED_BYTES": str(self.max_upload_unpacked_bytes),
+            "KOALA_ALLOW_PACKAGE_INSTALLS": str(self.allow_package_installs).lower(),
+            "KOALA_UPLOAD_CHECK_SECONDS": str(self.upload_check_seconds),
         }
         for key, value in self.limits.model_dump().items():
             env[f"KOALA_LIMITS__{key.upper()}"] = str(value)

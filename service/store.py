@@ -49,6 +49,7 @@ jobs = sa.Table(
     sa.Column("driver_host", sa.String(255), nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("generation", sa.Integer, nullable=False, default=0),  # taken by each driver start (fencing)
+    sa.Column("upload", sa.String(71), nullable=True, index=True),  # "sha256:..." of the workload pack it runs
     sa.Index("ix_koala_jobs_created", "created_at", "id"),
 )
 
@@ -81,6 +82,7 @@ api_tokens = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("admin", sa.Boolean, nullable=False, default=False),  # sees ownerless (open-mode) jobs
     sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("allow_uploads", sa.Boolean, nullable=False, default=False),  # may upload workload code
 )
 
 sessions = sa.Table(
@@ -172,6 +174,7 @@ class JobRow:
     driver_host: str | None
     attempts: int
     generation: int
+    upload: str | None = None
 
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> JobRow:
@@ -197,6 +200,7 @@ class JobRow:
             started_at=self.started_at,
             finished_at=self.finished_at,
             attempts=self.attempts,
+            upload=schemas.JobUpload(digest=self.upload) if self.upload else None,
         )
 
 
@@ -238,6 +242,7 @@ class Store:
         owner: str | None = None,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        upload: str | None = None,
     ) -> tuple[JobRow, bool]:
         """Insert a queued job; returns (job, created). With an idempotency key already used for the same request
         body, returns the earlier job and False; for another body, raises IdempotencyConflictError."""
@@ -269,6 +274,7 @@ class Store:
                         progress={k: dict(v) for k, v in progress.items()},
                         created_at=created,
                         attempts=0,
+                        upload=upload,
                     )
                 )
                 self._event(db, job_id, "state", {"state": "queued"})
@@ -603,8 +609,9 @@ class Store:
 
     # ---- API tokens and sessions ----------------------------------------------------------------------------------
 
-    def create_token(self, name: str = "", *, admin: bool = False) -> schemas.TokenCreated:
-        """A new API token (only its hash is stored). Names are unique, so `koala token revoke NAME` is unambiguous."""
+    def create_token(self, name: str = "", *, admin: bool = False, allow_uploads: bool = False) -> schemas.TokenCreated:
+        """A new API token (only its hash is stored). Names are unique, so `koala token revoke NAME` is unambiguous.
+        `allow_uploads`: it may upload workload code even where the server does not allow that to every token."""
         token = "koala_" + secrets.token_urlsafe(32)
         token_id = uuid.uuid4().hex[:12]
         name = name or f"token-{token_id}"
@@ -613,11 +620,16 @@ class Store:
                 raise ValueError(f"a token named {name!r} exists already")
             db.execute(
                 api_tokens.insert().values(
-                    id=token_id, name=name, token_hash=token_hash(token), created_at=now(), admin=admin
+                    id=token_id,
+                    name=name,
+                    token_hash=token_hash(token),
+                    created_at=now(),
+                    admin=admin,
+                    allow_uploads=allow_uploads,
                 )
             )
         self._tokens_cache = None
-        return schemas.TokenCreated(id=token_id, name=name, token=token, admin=admin)
+        return schemas.TokenCreated(id=token_id, name=name, token=token, admin=admin, allow_uploads=allow_uploads)
 
     def list_tokens(self) -> list[schemas.TokenInfo]:
         with self.engine.connect() as db:
@@ -629,6 +641,7 @@ class Store:
                 admin=bool(r.admin),
                 created_at=_aware(r.created_at),
                 revoked_at=_aware(r.revoked_at),
+                allow_uploads=bool(r.allow_uploads),
             )
             for r in rows
         ]
@@ -644,17 +657,22 @@ class Store:
             db.execute(api_tokens.update().where(api_tokens.c.id == row.id).values(revoked_at=revoked))
             db.execute(sessions.delete().where(sessions.c.token_id == row.id))
         return schemas.TokenInfo(
-            id=row.id, name=row.name, admin=bool(row.admin), created_at=_aware(row.created_at), revoked_at=revoked
+            id=row.id,
+            name=row.name,
+            admin=bool(row.admin),
+            created_at=_aware(row.created_at),
+            revoked_at=revoked,
+            allow_uploads=bool(row.allow_uploads),
         )
 
-    def token_identity(self, token: str) -> tuple[str, bool] | None:
-        """(token id, admin) of a live token, or None when it is unknown or revoked."""
-        query = sa.select(api_tokens.c.id, api_tokens.c.admin).where(
+    def token_identity(self, token: str) -> tuple[str, bool, bool] | None:
+        """(token id, admin, allow_uploads) of a live token, or None when it is unknown or revoked."""
+        query = sa.select(api_tokens.c.id, api_tokens.c.admin, api_tokens.c.allow_uploads).where(
             api_tokens.c.token_hash == token_hash(token), api_tokens.c.revoked_at.is_(None)
         )
         with self.engine.connect() as db:
             row = db.execute(query).first()
-        return (row.id, bool(row.admin)) if row is not None else None
+        return (row.id, bool(row.admin), bool(row.allow_uploads)) if row is not None else None
 
     def token_owner(self, token: str) -> str | None:
         """The id of a live token, or None when it is unknown or revoked."""
@@ -691,10 +709,10 @@ class Store:
             )
         return session_id
 
-    def session_identity(self, session_id: str) -> tuple[str, bool] | None:
-        """(token id, admin) of a live session (not expired, its token not revoked), or None."""
+    def session_identity(self, session_id: str) -> tuple[str, bool, bool] | None:
+        """(token id, admin, allow_uploads) of a live session (not expired, its token not revoked), or None."""
         query = (
-            sa.select(api_tokens.c.id, api_tokens.c.admin)
+            sa.select(api_tokens.c.id, api_tokens.c.admin, api_tokens.c.allow_uploads)
             .select_from(sessions.join(api_tokens, sessions.c.token_id == api_tokens.c.id))
             .where(
                 sessions.c.id_hash == token_hash(session_id),
@@ -704,7 +722,7 @@ class Store:
         )
         with self.engine.connect() as db:
             row = db.execute(query).first()
-        return (row.id, bool(row.admin)) if row is not None else None
+        return (row.id, bool(row.admin), bool(row.allow_uploads)) if row is not None else None
 
     def end_session(self, session_id: str) -> None:
         with self.engine.begin() as db:

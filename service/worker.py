@@ -39,6 +39,7 @@ from service.retry import DatabaseUnavailableError, retry
 from service.scheduler import remove_scratch, scratch_dir
 from service.settings import Settings
 from service.store import FencedError, Store
+from service.uploads import WorkloadCheckError, prepare_job
 
 log = logging.getLogger("service.worker")
 T = TypeVar("T")
@@ -162,6 +163,17 @@ def drive(job_id: str, generation: int, settings: Settings) -> str:
         stop.set()
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
 
+    if spec.upload is not None:  # the workload ships with the job: Ray takes it to the nodes, it is checked there
+        try:
+            spec = prepare_job(store, settings, spec, scratch_dir(settings, job_id) / "upload")
+        except WorkloadCheckError as error:
+            beating.set()
+            ray.shutdown()
+            close_running(storage, job_id, "the uploaded workload cannot run", TrialState.FAIL)
+            lease.finish("failed", str(error))
+            _clean_up(settings, job_id)
+            return "failed"
+
     recorder = Recorder(storage, job_id, spec)
     progress = _progress_from_studies(recorder, spec)
     lease.progress(progress)
@@ -195,6 +207,8 @@ def drive(job_id: str, generation: int, settings: Settings) -> str:
         )
     finally:
         beating.set()
+        if spec.upload is not None:
+            ray.shutdown()  # connected by prepare_job (run_job leaves alone a connection it did not make)
     lease.progress(_progress_from_studies(recorder, spec))
     lease.finish(outcome.state, outcome.error)
     _clean_up(settings, job_id)

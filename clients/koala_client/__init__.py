@@ -11,6 +11,7 @@ from koala_client.sdk import (
     KoalaConnectionError,
     KoalaError,
     KoalaNotFound,
+    KoalaPackError,
 )
 from service.schemas import (
     JOB_STATES,
@@ -22,6 +23,8 @@ from service.schemas import (
     OptimizerProgress,
     Report,
     Trial,
+    Upload,
+    UploadLimits,
     WorkloadInfo,
 )
 
@@ -37,9 +40,12 @@ __all__ = [
     "KoalaConnectionError",
     "KoalaError",
     "KoalaNotFound",
+    "KoalaPackError",
     "OptimizerInfo",
     "OptimizerProgress",
     "Report",
     "Trial",
+    "Upload",
+    "UploadLimits",
     "WorkloadInfo",
 ]

@@ -33,8 +33,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from koala_client.sdk import KoalaClient, KoalaConnectionError, KoalaError
-from service.schemas import JOB_STATES, Job
+from koala_client.sdk import KoalaClient, KoalaConnectionError, KoalaError, KoalaNotFound, load_spec
+from service.schemas import JOB_STATES, Job, Upload
 
 if TYPE_CHECKING:
     from service.store import Store
@@ -226,10 +226,27 @@ def dashboard(host: str, port: int) -> None:
     "--idempotency-key", metavar="KEY", help="Retrying with the same key returns the first job, not a new one"
 )
 @click.option("--watch", is_flag=True, help="Then follow the job like `koala watch`")
+@click.option(
+    "--workload-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Ship this directory's code with the job; the spec names `workload: <directory name>.module:Class`",
+)
 @server_command
-def submit(client: KoalaClient, spec_file: Path, idempotency_key: str | None, watch: bool) -> None:
-    """Submit the comparison in SPEC_FILE (YAML or JSON) to the server; prints the job id."""
-    job = client.submit(spec_file, idempotency_key=idempotency_key)
+def submit(
+    client: KoalaClient, spec_file: Path, idempotency_key: str | None, watch: bool, workload_dir: Path | None
+) -> None:
+    """Submit the comparison in SPEC_FILE (YAML or JSON) to the server; prints the job id.
+
+    With --workload-dir, the directory is packed (without .git, __pycache__, virtual environments and what its
+    .koalaignore lists), uploaded unless the server holds the same pack already, and the job runs that code on the
+    server's Ray nodes.
+    """
+    if workload_dir is None:
+        job = client.submit(spec_file, idempotency_key=idempotency_key)
+    else:
+        body = load_spec(spec_file)
+        body["upload"] = _upload(client, workload_dir).digest
+        job = client.submit(body, idempotency_key=idempotency_key)
     click.echo(job.id)
     console.print(f"submitted job {job.id} ({escape(job.name)}): {job.trials_total} trials of {job.workload}")
     if watch:
@@ -317,6 +334,97 @@ def optimizers(client: KoalaClient) -> None:
     stdout().print(table)
 
 
+def _upload(client: KoalaClient, source: Path) -> Upload:
+    """Pack and upload a workload directory (or a .zip archive), saying what was sent on stderr."""
+    pack = client.pack(source)
+    upload, sent = client.upload_pack(pack)
+    how = "uploaded" if sent else "already on the server"
+    what = f"{len(pack.files)} files, {_size(pack.size)}"
+    console.print(f"workload {escape(str(source))}: {what}, {how} ({upload.digest})")
+    return upload
+
+
+def _size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024 or unit == "MiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} MiB"
+
+
+@main.group()
+def uploads() -> None:
+    """Workload code uploaded with jobs (`koala submit --workload-dir`). An upload is deleted with its last job,
+    after the server's retention period."""
+
+
+@uploads.command("list")
+@server_command
+def uploads_list(client: KoalaClient) -> None:
+    """List this token's uploads, newest first."""
+    table = Table("digest", "files", "size", "jobs", "uploaded", "last used")
+    for upload in client.uploads():
+        table.add_row(
+            upload.digest,
+            str(upload.file_count),
+            _size(upload.size),
+            str(upload.jobs),
+            _when(upload.created_at),
+            _when(upload.last_used_at),
+        )
+    if table.row_count:
+        stdout().print(table)
+    else:
+        console.print("no uploads")
+
+
+@uploads.command("show")
+@click.argument("digest")
+@server_command
+def uploads_show(client: KoalaClient, digest: str) -> None:
+    """List the files of an upload (DIGEST: `sha256:...`, or a unique start of it)."""
+    upload = client.get_upload(_digest(client, digest))
+    table = Table("file", "size", title=upload.digest)
+    for item in upload.files or []:
+        table.add_row(escape(item.path), _size(item.size))
+    stdout().print(table)
+    if upload.requirements:
+        console.print(f"requirements: {escape(', '.join(upload.requirements))}")
+
+
+@uploads.command("add")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@server_command
+def uploads_add(client: KoalaClient, source: Path) -> None:
+    """Upload a workload directory (or a .zip archive) without submitting a job; prints its digest, which a JobSpec
+    names as `upload`."""
+    click.echo(_upload(client, source).digest)
+
+
+@uploads.command("delete")
+@click.argument("digest")
+@server_command
+def uploads_delete(client: KoalaClient, digest: str) -> None:
+    """Delete an upload now (DIGEST: `sha256:...`, or a unique start of it); refused while a queued or running job
+    needs it."""
+    full = _digest(client, digest)
+    client.delete_upload(full)
+    console.print(f"upload {full} deleted")
+
+
+def _digest(client: KoalaClient, given: str) -> str:
+    """The full digest of this token's upload that `given` names (the digest, or a unique start of its hex)."""
+    prefix = given.strip().lower().removeprefix("sha256:")
+    if len(prefix) == 64:
+        return f"sha256:{prefix}"
+    matches = [u.digest for u in client.uploads() if u.digest.removeprefix("sha256:").startswith(prefix)]
+    if len(matches) == 1 and prefix:
+        return matches[0]
+    if not matches or not prefix:
+        raise KoalaNotFound(404, "Not Found", f"no upload starts with {given!r} (see `koala uploads list`)")
+    raise KoalaError(f"{given!r} is the start of {len(matches)} uploads; give more of the digest")
+
+
 @main.group()
 def token() -> None:
     """API tokens. They are written to the server's database directly, so run this where `koala serve` runs."""
@@ -348,16 +456,22 @@ def _token_store() -> Iterator[Store]:
 @token.command("create")
 @click.option("--name", default="", help="A unique label to recognise the token by  [default: token-<id>]")
 @click.option("--admin", is_flag=True, help="Also see (and cancel) the jobs created while the server ran open")
-def token_create(name: str, admin: bool) -> None:
+@click.option(
+    "--allow-uploads",
+    is_flag=True,
+    help="May upload workload code, which runs on the Ray cluster (without it, only where KOALA_ALLOW_UPLOADS=true)",
+)
+def token_create(name: str, admin: bool, allow_uploads: bool) -> None:
     """Create an API token and print it (once: only its hash is stored)."""
     with _token_store() as store:
         try:
-            created = store.create_token(name, admin=admin)
+            created = store.create_token(name, admin=admin, allow_uploads=allow_uploads)
         except ValueError as error:
             _error(str(error))
             sys.exit(1)
     click.echo(created.token)
     role = "admin token" if created.admin else "token"
+    role += " that may upload code" if created.allow_uploads else ""
     console.print(
         f"{role} {created.id} ({escape(created.name)}) created; it is shown only this once. "
         "Clients use it with: export KOALA_TOKEN=<the token>"
@@ -369,10 +483,12 @@ def token_list() -> None:
     """List the API tokens (never the tokens themselves: only their hashes are stored)."""
     with _token_store() as store:
         tokens = store.list_tokens()
-    table = Table("id", "name", "role", "created", "revoked")
+    table = Table("id", "name", "role", "uploads", "created", "revoked")
     for info in tokens:
         revoked = _when(info.revoked_at) if info.revoked_at else ""
-        table.add_row(info.id, escape(info.name), "admin" if info.admin else "user", _when(info.created_at), revoked)
+        role = "admin" if info.admin else "user"
+        allowed = "allowed" if info.allow_uploads else ""
+        table.add_row(info.id, escape(info.name), role, allowed, _when(info.created_at), revoked)
     stdout().print(table)
 
 

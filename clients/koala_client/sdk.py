@@ -9,6 +9,8 @@ server's problem+json becomes `KoalaAPIError` (with the offending field), an unr
         job = client.submit("examples/digits.yaml")
         job = client.wait(job.id, progress=lambda j: print(j.state, j.trials_done, "/", j.trials_total))
         report = client.results(job.id)
+
+    job = client.submit("job.yaml", workload_dir="./my_workload")  # ships the workload's code with the job
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import httpx
 import pydantic
 import yaml
 
+from koala_client import packing
 from service.schemas import (
     TERMINAL_STATES,
     Event,
@@ -36,6 +39,8 @@ from service.schemas import (
     OptimizerInfo,
     Report,
     Trial,
+    Upload,
+    UploadLimits,
     WorkloadInfo,
 )
 
@@ -52,6 +57,9 @@ _REPORT = pydantic.TypeAdapter(Report)
 _WORKLOADS = pydantic.TypeAdapter(list[WorkloadInfo])
 _OPTIMIZERS = pydantic.TypeAdapter(list[OptimizerInfo])
 _HEALTH = pydantic.TypeAdapter(dict[str, Any])
+_UPLOAD = pydantic.TypeAdapter(Upload)
+_UPLOADS = pydantic.TypeAdapter(list[Upload])
+_UPLOAD_LIMITS = pydantic.TypeAdapter(UploadLimits)
 
 
 class KoalaError(Exception):
@@ -95,6 +103,11 @@ class KoalaNotFound(KoalaAPIError):  # noqa: N818  (reads as the status it stand
 
 class KoalaAuthError(KoalaAPIError):
     """401/403: the token is missing, unknown or not allowed."""
+
+
+class KoalaPackError(KoalaError):
+    """A workload directory cannot be uploaded as it is (over the server's size limit, a link in it, ...): nothing
+    was sent."""
 
 
 class KoalaClient:
@@ -157,7 +170,10 @@ class KoalaClient:
     # ---- jobs ------------------------------------------------------------------------------------------------------
 
     def submit(
-        self, spec: Mapping[str, Any] | pydantic.BaseModel | str | Path, idempotency_key: str | None = None
+        self,
+        spec: Mapping[str, Any] | pydantic.BaseModel | str | Path,
+        idempotency_key: str | None = None,
+        workload_dir: str | Path | None = None,
     ) -> Job:
         """Submit a JobSpec (POST /v1/jobs); the server validates it and queues the job.
 
@@ -165,12 +181,17 @@ class KoalaClient:
             spec: the JobSpec as a mapping, a pydantic model, or the path of a YAML or JSON file.
             idempotency_key: retrying with the same key and body returns the job created first instead of a
                 duplicate (the same key with another body is a 409).
+            workload_dir: a directory holding the workload's code, shipped with the job (see `upload`); the spec
+                then names `workload: <directory name>.module:Class`.
 
         Raises:
             KoalaAPIError: 422 naming the offending field when the spec is invalid.
+            KoalaPackError: the workload directory cannot be uploaded (nothing was sent).
             KoalaError: the spec file cannot be read or is not a mapping.
         """
         body = load_spec(spec)
+        if workload_dir is not None:
+            body["upload"] = self.upload(workload_dir).digest
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return _parse(_JOB, self._request("POST", "/v1/jobs", json=body, headers=headers))
 
@@ -296,6 +317,70 @@ class KoalaClient:
         assert last is not None  # follow always yields the job at least once
         return last
 
+    # ---- uploaded workloads --------------------------------------------------------------------------------------
+
+    def upload_limits(self) -> UploadLimits:
+        """Whether this token may upload workload code, and the limits a pack keeps to (the defaults for a server
+        that does not say)."""
+        try:
+            return _parse(_UPLOAD_LIMITS, self._request("GET", "/v1/uploads/limits"))
+        except KoalaNotFound:
+            return UploadLimits(
+                allowed=True,
+                max_bytes=packing.DEFAULT_MAX_BYTES,
+                max_files=packing.DEFAULT_MAX_FILES,
+                max_unpacked_bytes=packing.DEFAULT_MAX_UNPACKED_BYTES,
+                package_installs=False,
+            )
+
+    def pack(self, source: str | Path) -> packing.Pack:
+        """Pack a workload directory (or take a .zip archive) for this server, within its limits.
+
+        Raises:
+            KoalaAuthError: 403, this token may not upload code (the message says how an operator allows it).
+            KoalaPackError: the pack would be over the server's limits, or the directory holds a link.
+        """
+        limits = self.upload_limits()
+        if not limits.allowed:
+            raise KoalaAuthError(403, "Uploads not allowed", limits.detail or "this token may not upload code")
+        try:
+            return packing.pack(
+                source,
+                max_bytes=limits.max_bytes,
+                max_files=limits.max_files,
+                max_unpacked_bytes=limits.max_unpacked_bytes,
+            )
+        except (packing.PackError, OSError) as error:
+            raise KoalaPackError(str(error)) from error
+
+    def upload_pack(self, pack: packing.Pack) -> tuple[Upload, bool]:
+        """Store a pack on the server (POST /v1/uploads), unless this token holds the same bytes already; returns
+        the upload and whether the pack was sent."""
+        try:
+            return self.get_upload(pack.digest), False
+        except KoalaNotFound:
+            pass
+        response = self._request("POST", "/v1/uploads", content=pack.data, headers={"Content-Type": "application/zip"})
+        return _parse(_UPLOAD, response), True
+
+    def upload(self, source: str | Path) -> Upload:
+        """Pack a workload directory and store it on the server (see `pack`, `upload_pack`); a JobSpec names the
+        returned upload's `digest` as its `upload`, and `workload: <directory name>.module:Class`."""
+        upload, _ = self.upload_pack(self.pack(source))
+        return upload
+
+    def uploads(self) -> builtins.list[Upload]:
+        """This token's uploads, newest first (without their file lists)."""
+        return _parse(_UPLOADS, self._request("GET", "/v1/uploads"))
+
+    def get_upload(self, digest: str) -> Upload:
+        """One upload of this token, with its file list."""
+        return _parse(_UPLOAD, self._request("GET", f"/v1/uploads/{quote(digest, safe=':')}"))
+
+    def delete_upload(self, digest: str) -> None:
+        """Delete an upload of this token (409 while a queued or running job needs it)."""
+        self._request("DELETE", f"/v1/uploads/{quote(digest, safe=':')}")
+
     # ---- catalogue and health --------------------------------------------------------------------------------------
 
     def workloads(self) -> builtins.list[WorkloadInfo]:
@@ -332,11 +417,17 @@ class KoalaClient:
         json: Any = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
     ) -> httpx.Response:
         query = {key: value for key, value in (params or {}).items() if value is not None}
         try:
             response = self._http.request(
-                method, self._prefix + path, json=json, params=query, headers=self._headers(headers)
+                method,
+                self._prefix + path,
+                json=json,
+                params=query,
+                headers=self._headers(headers),
+                content=content,
             )
         except httpx.TransportError as error:
             raise self._connection_error(error) from error

@@ -58,9 +58,20 @@ function renderHead() {
     fact("Created", when(job.created_at)),
     fact("Started", when(job.started_at)),
     fact("Finished", when(job.finished_at)),
+    ...(job.upload ? [uploadFact(job.upload)] : []),
   );
   el.error.hidden = !job.error;
   el.error.textContent = job.error ? `This job failed: ${job.error}` : "";
+}
+
+/** The uploaded workload pack a job runs: its digest, and its files while the server keeps it. */
+function uploadFact(upload) {
+  const digest = h("code", { class: "digest", title: upload.digest }, upload.digest.slice(0, 19));
+  if (!upload.files) return fact("Uploaded code", digest, h("div", { class: "small muted" }, "no longer stored"));
+  const size = upload.size === null ? "" : `, ${(upload.size / 1024).toFixed(1)} KiB packed`;
+  return fact("Uploaded code", digest, h("details", { class: "small" },
+    h("summary", {}, `${upload.files.length} files${size}`),
+    h("ul", { class: "files" }, upload.files.map((f) => h("li", {}, h("code", {}, f.path), ` ${f.size} B`)))));
 }
 
 el.cancel.addEventListener("click", async () => {

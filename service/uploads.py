@@ -1,0 +1,770 @@
+"""Workload code a client sends with its job: packs, their storage, the HTTP routes, and the driver's side.
+
+A pack is a zip archive of the client's workload directory, every entry under the directory's name
+(`my_workload/model.py`), so a job may name `workload: my_workload.model:MyWorkload` with `upload: sha256:...`
+(`koala submit job.yaml --workload-dir ./my_workload` packs, uploads and submits).
+
+- `POST /v1/uploads` streams the pack in, refusing it (413) once it passes `max_upload_bytes`, and checks it before
+  it is stored (422): a zip archive of at most `max_upload_files` entries and `max_upload_unpacked_bytes`, plain
+  files and directories only (no links), every path relative and inside the pack (no absolute paths, no `..`), every
+  file's bytes matching its checksum. Packs are stored in the database, content-addressed (sha256: the same bytes
+  are stored once, whoever uploads them) and owned per token (another owner's digest is 404).
+- Uploading code is running code on the cluster: it is allowed to tokens created with `koala token create
+  --allow-uploads`, to every token with KOALA_ALLOW_UPLOADS=true, and on an open server (loopback only); otherwise
+  403, saying how an operator enables it.
+- Neither the API process nor the job's driver imports the uploaded code. The driver writes the pack to its scratch
+  directory and hands it to Ray as the job's runtime environment (`working_dir`), so Ray ships it to whichever node
+  runs a task of the job; the workload is checked there (it imports, is a Workload, its config parses, its metric
+  exists) by a short Ray task before any trial is planned, and a failure fails the job with the message.
+- A `requirements.txt` at the top of the pack goes to Ray's `pip` runtime environment when the operator allows
+  package installs (KOALA_ALLOW_PACKAGE_INSTALLS); otherwise a job that needs it is refused.
+- An upload is deleted `upload_retention_seconds` after the last job that ran it ended (or after its last use, when
+  no job did), by a sweeper in the API process; its owner may delete it earlier (`koala uploads delete`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import stat
+import tempfile
+import threading
+import time
+import zipfile
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Request, Response
+from fastapi import Path as PathParam
+from starlette.concurrency import run_in_threadpool
+
+from service import schemas
+from service.auth import Auth, Caller
+from service.jobspec import UPLOAD_DIGEST, JobSpec, SpecError
+from service.problems import ProblemError
+from service.settings import Settings
+from service.store import JobRow, Store, jobs, metadata
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+log = logging.getLogger(__name__)
+
+REQUIREMENTS = "requirements.txt"  # at the top of a pack (or of its directory): what it needs installed
+MAX_PATH = 1024  # characters of a path in a pack
+MAX_PART = 255  # characters of one path component
+MAX_REQUIREMENTS = 200  # requirement lines
+SPOOL_BYTES = 1 << 20  # an upload is held in memory up to this, then in a temporary file
+LINK_GRACE_SECONDS = 10.0  # a pack's bytes outlive its last owner by this much (an upload of them may be under way)
+ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
+CHUNK = 1 << 16
+
+
+def mib(size: float) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+# ---- packs ---------------------------------------------------------------------------------------------------------
+
+
+class PackError(ValueError):
+    """A pack this server does not accept (422), or cannot use."""
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    """What a checked pack holds: its files as (path, size), their total size and its requirement lines."""
+
+    files: list[tuple[str, int]]
+    unpacked_size: int
+    requirements: list[str]
+
+
+def top_level(paths: list[str]) -> set[str]:
+    """The importable names at the top of a pack: its directories and its `.py` files (without the suffix)."""
+    names = set()
+    for path in paths:
+        first, _, rest = path.partition("/")
+        names.add(first if rest else first.removesuffix(".py") if first.endswith(".py") else "")
+    names.discard("")
+    return names
+
+
+def module_in(module: str, paths: list[str]) -> bool:
+    """Whether `module` ("package.module") is a file or a package (a directory with files) in a pack."""
+    base = module.replace(".", "/")
+    return f"{base}.py" in paths or any(path.startswith(f"{base}/") for path in paths)
+
+
+def _bad_name(name: str) -> str | None:
+    """Why `name` cannot be a path in a pack, or None."""
+    if not name:
+        return "is empty"
+    if len(name) > MAX_PATH:
+        return f"is longer than {MAX_PATH} characters"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains control characters"
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        return "is an absolute path (paths in a pack are relative to it)"
+    if "\\" in name:
+        return "contains a backslash (paths in a pack use /)"
+    parts = name.removesuffix("/").split("/")
+    if ".." in parts:
+        return "leaves the pack (`..`)"
+    if any(part in ("", ".") for part in parts):
+        return "is not a plain relative path (empty or `.` component)"
+    if any(len(part) > MAX_PART for part in parts):
+        return f"has a component longer than {MAX_PART} characters"
+    return None
+
+
+def _shown(name: str) -> str:
+    text = repr(name)
+    return text if len(text) <= 100 else f"{text[:97]}..."
+
+
+def inspect_pack(source: IO[bytes], *, max_files: int, max_unpacked_bytes: int) -> PackInfo:
+    """Check a pack (a seekable binary file) and say what it holds; PackError naming the first problem.
+
+    Accepted: a zip archive (stored or deflated, not encrypted) of at most `max_files` entries that unpack to at most
+    `max_unpacked_bytes`, holding regular files and directories only, at relative paths inside the pack, each file's
+    bytes matching its size and CRC (read here, bounded by the declared sizes)."""
+    try:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise PackError(f"the upload is not a zip archive ({error})") from None
+    with archive:
+        entries = archive.infolist()
+        if len(entries) > max_files:
+            raise PackError(f"the pack has {len(entries)} entries; this server accepts at most {max_files}")
+        files: dict[str, zipfile.ZipInfo] = {}
+        listed: set[str] = set()  # directory entries
+        directories: set[str] = set()  # those and every file's parents
+        total = 0
+        for info in entries:
+            name = info.filename
+            problem = _bad_name(name)
+            if problem is not None:
+                raise PackError(f"{_shown(name)} {problem}")
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise PackError(f"{_shown(name)} is a symbolic link; a pack holds plain files only")
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise PackError(f"{_shown(name)} is not a plain file or directory")
+            if info.flag_bits & 0x1:
+                raise PackError(f"{_shown(name)} is encrypted")
+            path = name.removesuffix("/")
+            if path in files or path in listed:
+                raise PackError(f"{_shown(path)} appears twice in the pack")
+            parents = path.split("/")[:-1]
+            directories.update("/".join(parents[: i + 1]) for i in range(len(parents)))
+            if info.is_dir():
+                listed.add(path)
+                directories.add(path)
+                continue
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise PackError(f"{_shown(name)} is compressed with method {info.compress_type}; use deflate")
+            files[path] = info
+            total += info.file_size
+            if total > max_unpacked_bytes:
+                raise PackError(f"the pack unpacks to more than {mib(max_unpacked_bytes)}, the most this server takes")
+        clash = sorted(set(files) & directories)
+        if clash:
+            raise PackError(f"{_shown(clash[0])} is both a file and a directory in the pack")
+        for path, info in files.items():
+            _read_checked(archive, info, path)
+        requirements = _requirements(archive, files)
+    return PackInfo(sorted((path, info.file_size) for path, info in files.items()), total, requirements)
+
+
+def _read_checked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> None:
+    """Read a file of the pack to its end (zipfile checks the CRC there), never more than its declared size."""
+    seen = 0
+    try:
+        with archive.open(info) as member:
+            while seen <= info.file_size and (chunk := member.read(CHUNK)):
+                seen += len(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, zlib.error) as error:
+        raise PackError(f"{_shown(path)} cannot be read from the pack ({error})") from None
+    if seen != info.file_size:
+        raise PackError(f"{_shown(path)} does not unpack to the size the pack declares")
+
+
+def _requirements(archive: zipfile.ZipFile, files: Mapping[str, zipfile.ZipInfo]) -> list[str]:
+    """The requirement lines of the pack's requirements.txt (at its top, or at the top of its one directory)."""
+    found = [path for path in files if path.count("/") <= 1 and path.rsplit("/", 1)[-1] == REQUIREMENTS]
+    if len(found) > 1:
+        raise PackError(f"the pack has several {REQUIREMENTS} files ({', '.join(sorted(found))}); keep one")
+    if not found:
+        return []
+    try:
+        text = archive.read(files[found[0]]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise PackError(f"{found[0]} is not UTF-8 text") from None
+    lines = []
+    for raw in text.splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if line and not line.startswith("#"):
+            lines.append(line)
+    if len(lines) > MAX_REQUIREMENTS:
+        raise PackError(f"{found[0]} lists {len(lines)} requirements; at most {MAX_REQUIREMENTS}")
+    return lines
+
+
+# ---- storage -------------------------------------------------------------------------------------------------------
+
+blobs = sa.Table(
+    "koala_upload_blobs",
+    metadata,
+    sa.Column("digest", sa.String(71), primary_key=True),  # "sha256:<hex>" of `data`
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("unpacked_size", sa.BigInteger, nullable=False),
+    sa.Column("files", sa.JSON, nullable=False),  # [[path, size], ...]
+    sa.Column("requirements", sa.JSON, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("linked_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+links = sa.Table(
+    "koala_uploads",
+    metadata,
+    sa.Column("owner", sa.String(32), primary_key=True),  # the token id; "" on an open server
+    sa.Column("digest", sa.String(71), primary_key=True, index=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def owner_key(owner: str | None) -> str:
+    return owner or ""
+
+
+def _aware(value: datetime) -> datetime:
+    from datetime import UTC
+
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    owner: str
+    digest: str
+    size: int
+    unpacked_size: int
+    files: list[tuple[str, int]]
+    requirements: list[str]
+    created_at: datetime
+    last_used_at: datetime
+    jobs: int = 0
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.files]
+
+    def file_list(self) -> list[schemas.UploadFile]:
+        return [schemas.UploadFile(path=path, size=size) for path, size in self.files]
+
+    def to_schema(self, *, with_files: bool) -> schemas.Upload:
+        return schemas.Upload(
+            digest=self.digest,
+            size=self.size,
+            unpacked_size=self.unpacked_size,
+            file_count=len(self.files),
+            files=self.file_list() if with_files else None,
+            requirements=self.requirements,
+            created_at=self.created_at,
+            last_used_at=self.last_used_at,
+            jobs=self.jobs,
+        )
+
+
+class Uploads:
+    """The stored packs and who owns them, in the service's database (beside `Store`'s tables)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.engine = store.engine
+
+    def _jobs_of(self, owner: sa.ColumnElement[str], digest: sa.ColumnElement[str]) -> sa.ColumnElement[bool]:
+        return sa.and_(jobs.c.upload == digest, sa.func.coalesce(jobs.c.owner, "") == owner)
+
+    def _query(self) -> sa.Select[Any]:
+        count = sa.select(sa.func.count()).select_from(jobs).where(self._jobs_of(links.c.owner, links.c.digest))
+        return sa.select(
+            links.c.owner,
+            links.c.digest,
+            links.c.created_at,
+            links.c.last_used_at,
+            blobs.c.size,
+            blobs.c.unpacked_size,
+            blobs.c.files,
+            blobs.c.requirements,
+            count.scalar_subquery().label("jobs"),
+        ).select_from(links.join(blobs, links.c.digest == blobs.c.digest))
+
+    @staticmethod
+    def _row(row: sa.Row[Any]) -> UploadRow:
+        return UploadRow(
+            owner=row.owner,
+            digest=row.digest,
+            size=int(row.size),
+            unpacked_size=int(row.unpacked_size),
+            files=[(str(path), int(size)) for path, size in row.files],
+            requirements=[str(line) for line in row.requirements],
+            created_at=_aware(row.created_at),
+            last_used_at=_aware(row.last_used_at),
+            jobs=int(row.jobs),
+        )
+
+    def add(self, owner: str, digest: str, data: bytes, info: PackInfo) -> tuple[UploadRow, bool]:
+        """Store a checked pack for `owner` (its bytes once, whoever else holds them); returns (upload, whether
+        `owner` did not hold it before)."""
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as db:
+                    created = self._add(db, owner, digest, data, info)
+                break
+            except sa.exc.IntegrityError:  # a concurrent upload of the same bytes inserted first: now they exist
+                if attempt == 2:
+                    raise
+        row = self.get(owner, digest)
+        assert row is not None
+        return row, created
+
+    def _add(self, db: Connection, owner: str, digest: str, data: bytes, info: PackInfo) -> bool:
+        at = self.store._db_now()
+        # Updating linked_at locks the row, and keeps a sweep that runs meanwhile from deleting the bytes.
+        if db.execute(blobs.update().where(blobs.c.digest == digest).values(linked_at=at)).rowcount == 0:
+            db.execute(
+                blobs.insert().values(
+                    digest=digest,
+                    size=len(data),
+                    unpacked_size=info.unpacked_size,
+                    files=[[path, size] for path, size in info.files],
+                    requirements=list(info.requirements),
+                    data=data,
+                    created_at=at,
+                    linked_at=at,
+                )
+            )
+        mine = sa.and_(links.c.owner == owner, links.c.digest == digest)
+        if db.execute(links.update().where(mine).values(last_used_at=at)).rowcount == 1:
+            return False
+        db.execute(links.insert().values(owner=owner, digest=digest, created_at=at, last_used_at=at))
+        return True
+
+    def get(self, owner: str, digest: str) -> UploadRow | None:
+        query = self._query().where(links.c.owner == owner, links.c.digest == digest)
+        with self.engine.connect() as db:
+            row = db.execute(query).first()
+        return self._row(row) if row is not None else None
+
+    def owned_by(self, owner: str) -> list[UploadRow]:
+        query = self._query().where(links.c.owner == owner).order_by(links.c.created_at.desc(), links.c.digest)
+        with self.engine.connect() as db:
+            return [self._row(row) for row in db.execute(query)]
+
+    def touch(self, owner: str, digest: str) -> bool:
+        """Mark the upload used now (a job names it); False when `owner` does not hold it."""
+        mine = sa.and_(links.c.owner == owner, links.c.digest == digest)
+        with self.engine.begin() as db:
+            return bool(db.execute(links.update().where(mine).values(last_used_at=self.store._db_now())).rowcount)
+
+    def delete(self, owner: str, digest: str) -> list[str] | None:
+        """Forget `owner`'s upload: None when it holds no such upload; else the ids of its jobs that still need it
+        (queued or running: then nothing is deleted), an empty list once deleted."""
+        mine = sa.and_(links.c.owner == owner, links.c.digest == digest)
+        with self.engine.begin() as db:
+            if db.execute(sa.select(links.c.digest).where(mine)).first() is None:
+                return None
+            needed = sa.select(jobs.c.id).where(
+                self._jobs_of(sa.literal(owner), sa.literal(digest)), jobs.c.state.in_(ACTIVE_JOB_STATES)
+            )
+            active = list(db.execute(needed).scalars())
+            if active:
+                return active
+            db.execute(links.delete().where(mine))
+            self._delete_orphans(db)
+        return []
+
+    def data(self, digest: str) -> bytes | None:
+        """The bytes of a stored pack."""
+        with self.engine.connect() as db:
+            value = db.execute(sa.select(blobs.c.data).where(blobs.c.digest == digest)).scalar()
+        return bytes(value) if value is not None else None
+
+    def sweep(self, retention_seconds: float) -> int:
+        """Delete the uploads whose last use and whose jobs' ends are `retention_seconds` past (none of whose jobs
+        is queued or running), then the bytes no owner holds; returns how many uploads went."""
+        cutoff = self.store._db_now(-retention_seconds)
+        kept = (
+            sa.select(jobs.c.id)
+            .where(
+                self._jobs_of(links.c.owner, links.c.digest),
+                sa.or_(
+                    jobs.c.state.in_(ACTIVE_JOB_STATES),
+                    jobs.c.finished_at.is_(None),
+                    jobs.c.finished_at > cutoff,
+                ),
+            )
+            .exists()
+        )
+        with self.engine.begin() as db:
+            removed = db.execute(links.delete().where(links.c.last_used_at < cutoff, ~kept)).rowcount
+            self._delete_orphans(db)
+        return int(removed or 0)
+
+    def _delete_orphans(self, db: Connection) -> None:
+        held = sa.select(links.c.digest).where(links.c.digest == blobs.c.digest).exists()
+        settled = blobs.c.linked_at < self.store._db_now(-LINK_GRACE_SECONDS)
+        db.execute(blobs.delete().where(settled, ~held))
+
+    def stored_digests(self) -> list[str]:
+        """Every pack whose bytes are stored (for tests and operators)."""
+        with self.engine.connect() as db:
+            return list(db.execute(sa.select(blobs.c.digest).order_by(blobs.c.digest)).scalars())
+
+
+class Sweeper:
+    """Runs `Uploads.sweep` in a thread of the API process, every half retention period (1 s to 60 s)."""
+
+    def __init__(self, uploads: Uploads, settings: Settings) -> None:
+        self.uploads = uploads
+        self.retention = settings.upload_retention_seconds
+        self.period = max(1.0, min(60.0, self.retention / 2))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="koala-upload-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                removed = self.uploads.sweep(self.retention)
+                if removed:
+                    log.info("%d upload(s) past their retention period deleted", removed)
+            except Exception:  # the database may be briefly unavailable; try again next period
+                log.exception("upload sweep failed")
+
+
+# ---- permission ----------------------------------------------------------------------------------------------------
+
+FORBIDDEN = (
+    "uploading workload code runs it on this server's Ray cluster, so it is allowed only to tokens an operator chose: "
+    "`koala token create --allow-uploads` (run where the server runs), or KOALA_ALLOW_UPLOADS=true for every token"
+)
+
+
+def may_upload(who: Caller, settings: Settings) -> bool:
+    return who.allow_uploads or settings.allow_uploads
+
+
+def _forbidden() -> ProblemError:
+    return ProblemError(403, "Uploads not allowed", FORBIDDEN, type="https://koala.dev/problems/uploads-not-allowed")
+
+
+def _not_found(digest: str, field: str | None = None) -> ProblemError:
+    detail = f"no upload {digest} (another token's uploads are not visible; upload the workload first)"
+    return ProblemError(404, "Not Found", detail, field=field, type="https://koala.dev/problems/not-found")
+
+
+# ---- the HTTP API --------------------------------------------------------------------------------------------------
+
+router = APIRouter(tags=["uploads"])
+Digest = Annotated[str, PathParam(pattern=UPLOAD_DIGEST, description="`sha256:` and the hex digest of the pack")]
+PACK_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The workload pack: a zip archive of the workload directory, its entries under the directory's "
+        "name (what `koala submit --workload-dir` sends)",
+        # Any content type is accepted (`koala` sends application/zip); the schema says octet-stream, which every
+        # OpenAPI tool can send.
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+def _uploads(request: Request) -> Uploads:
+    return request.app.state.uploads  # type: ignore[no-any-return]
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+@router.post(
+    "/v1/uploads",
+    status_code=201,
+    response_model=schemas.Upload,
+    openapi_extra=PACK_BODY,
+    responses={
+        200: {"model": schemas.Upload, "description": "This token had uploaded the same bytes before"},
+        403: {"model": schemas.Problem, "description": "This token may not upload code"},
+        413: {"model": schemas.Problem, "description": "The pack is larger than the server accepts"},
+    },
+)
+async def create_upload(request: Request, response: Response, who: Auth) -> schemas.Upload:
+    """Store a workload pack (a zip archive, the request body) for the caller; returns its digest, which a JobSpec
+    names as `upload`. Checked before it is stored: size, entries, paths (relative, inside the pack), plain files."""
+    settings = _settings(request)
+    if not may_upload(who, settings):
+        raise _forbidden()
+    limit = settings.max_upload_bytes
+    hasher = hashlib.sha256()
+    size = 0
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                detail = f"the pack is larger than this server accepts ({mib(limit)})"
+                raise ProblemError(413, "Upload too large", detail)
+            hasher.update(chunk)
+            spool.write(chunk)
+        if size == 0:
+            raise ProblemError(422, "Empty upload", "send the workload pack (a zip archive) as the body", field="body")
+        spool.seek(0)
+        try:
+            info = await run_in_threadpool(
+                inspect_pack,
+                spool,
+                max_files=settings.max_upload_files,
+                max_unpacked_bytes=settings.max_upload_unpacked_bytes,
+            )
+        except PackError as error:
+            raise ProblemError(422, "Invalid workload pack", str(error), field="body") from None
+        spool.seek(0)
+        data = spool.read()
+    digest = f"sha256:{hasher.hexdigest()}"
+    row, created = await run_in_threadpool(_uploads(request).add, owner_key(who.owner), digest, data, info)
+    response.status_code = 201 if created else 200
+    return row.to_schema(with_files=True)
+
+
+@router.get("/v1/uploads", response_model=list[schemas.Upload])
+def list_uploads(request: Request, who: Auth) -> list[schemas.Upload]:
+    """The caller's uploads, newest first (without their file lists)."""
+    return [row.to_schema(with_files=False) for row in _uploads(request).owned_by(owner_key(who.owner))]
+
+
+@router.get("/v1/uploads/limits", response_model=schemas.UploadLimits)
+def upload_limits(request: Request, who: Auth) -> schemas.UploadLimits:
+    """Whether the caller may upload code, and the limits a pack must keep to."""
+    settings = _settings(request)
+    allowed = may_upload(who, settings)
+    return schemas.UploadLimits(
+        allowed=allowed,
+        detail=None if allowed else FORBIDDEN,
+        max_bytes=settings.max_upload_bytes,
+        max_files=settings.max_upload_files,
+        max_unpacked_bytes=settings.max_upload_unpacked_bytes,
+        package_installs=settings.allow_package_installs,
+    )
+
+
+@router.get("/v1/uploads/{digest}", response_model=schemas.Upload, responses={404: {"model": schemas.Problem}})
+def get_upload(request: Request, digest: Digest, who: Auth) -> schemas.Upload:
+    """One of the caller's uploads, with its file list."""
+    row = _uploads(request).get(owner_key(who.owner), digest)
+    if row is None:
+        raise _not_found(digest)
+    return row.to_schema(with_files=True)
+
+
+@router.delete(
+    "/v1/uploads/{digest}",
+    status_code=204,
+    responses={404: {"model": schemas.Problem}, 409: {"model": schemas.Problem, "description": "A job needs it"}},
+)
+def delete_upload(request: Request, digest: Digest, who: Auth) -> Response:
+    """Delete one of the caller's uploads, unless a queued or running job of the caller needs it."""
+    needed = _uploads(request).delete(owner_key(who.owner), digest)
+    if needed is None:
+        raise _not_found(digest)
+    if needed:
+        raise ProblemError(409, "Upload in use", f"job(s) {', '.join(needed)} still need upload {digest}")
+    return Response(status_code=204)
+
+
+def check_submission(uploads: Uploads, settings: Settings, who: Caller, spec: JobSpec) -> None:
+    """The checks of a submitted job's upload that need the database: the caller may upload, holds it (404), the
+    workload's module is in it, and its requirements can be installed here. Marks it used."""
+    if spec.upload is None:
+        return
+    if not may_upload(who, settings):
+        raise _forbidden()
+    row = uploads.get(owner_key(who.owner), spec.upload)
+    if row is None:
+        raise _not_found(spec.upload, field="upload")
+    problems = []
+    if spec.uploaded_workload:
+        module = spec.workload.partition(":")[0]
+        if not module_in(module, row.paths):
+            holds = ", ".join(sorted(top_level(row.paths))) or "nothing importable"
+            problems.append(("workload", f"module {module!r} is not in the upload (its top level holds: {holds})"))
+    if row.requirements and not settings.allow_package_installs:
+        problems.append(
+            (
+                "upload",
+                f"the upload has a {REQUIREMENTS} ({len(row.requirements)} requirement(s)), and this server does not "
+                "install packages (an operator allows it with KOALA_ALLOW_PACKAGE_INSTALLS=true); install them on the "
+                f"Ray nodes instead and leave {REQUIREMENTS} out of the pack (.koalaignore)",
+            )
+        )
+    if problems:
+        raise SpecError([{"field": field, "message": message} for field, message in problems])
+    uploads.touch(owner_key(who.owner), spec.upload)
+
+
+def job_upload(uploads: Uploads, job: JobRow) -> schemas.JobUpload | None:
+    """The upload a job runs, with its file list while it is stored."""
+    if job.upload is None:
+        return None
+    row = uploads.get(owner_key(job.owner), job.upload)
+    if row is None:
+        return schemas.JobUpload(digest=job.upload)
+    return schemas.JobUpload(digest=job.upload, size=row.size, files=row.file_list())
+
+
+# ---- the job's driver ----------------------------------------------------------------------------------------------
+
+
+class WorkloadCheckError(Exception):
+    """The job's uploaded workload cannot run: the message is the job's error."""
+
+
+def runtime_environment(store: Store, settings: Settings, spec: JobSpec, into: Path) -> dict[str, Any]:
+    """Ray's runtime environment for the job's workers: the job's pack, written to `into`, as their working
+    directory (and its requirements for pip, where the operator allows installs). The pack is read, never
+    unpacked or imported here."""
+    digest = spec.upload
+    if digest is None:
+        return {}
+    data = Uploads(store).data(digest)
+    if data is None:
+        raise WorkloadCheckError(
+            f"upload {digest} is no longer stored (deleted by its owner, or past its retention period); "
+            "submit the job again with the workload directory"
+        )
+    if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+        raise WorkloadCheckError(f"the stored bytes of upload {digest} do not match its digest")
+    try:
+        info = inspect_pack(
+            io.BytesIO(data),
+            max_files=settings.max_upload_files,
+            max_unpacked_bytes=settings.max_upload_unpacked_bytes,
+        )
+    except PackError as error:
+        raise WorkloadCheckError(f"upload {digest} is not a pack this server accepts: {error}") from None
+    if info.requirements and not settings.allow_package_installs:
+        raise WorkloadCheckError(
+            f"upload {digest} has a {REQUIREMENTS}, and this server does not install packages "
+            "(KOALA_ALLOW_PACKAGE_INSTALLS)"
+        )
+    into.mkdir(parents=True, exist_ok=True)
+    pack = into / f"workload-{digest.removeprefix('sha256:')[:16]}.zip"
+    pack.write_bytes(data)
+    # A local zip archive: Ray uploads it to the cluster as it is and unpacks it, top directory kept, on each node.
+    environment: dict[str, Any] = {"working_dir": str(pack)}
+    if info.requirements:
+        environment["pip"] = {"packages": info.requirements, "pip_check": False}
+    return environment
+
+
+def connect_with(environment: Mapping[str, Any]) -> None:
+    """Connect this driver to Ray (the cluster in RAY_ADDRESS, else a local Ray started for the job) with
+    `environment` as the runtime environment of every worker of the job."""
+    import ray
+
+    if ray.is_initialized():
+        raise WorkloadCheckError("this driver was connected to Ray before the job's workload could be shipped with it")
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        # "local": never attach to a cluster some earlier `ray start` left recorded on this machine.
+        ray.init(
+            address=address or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            runtime_env=dict(environment),
+        )
+    except Exception as error:
+        raise WorkloadCheckError(f"cannot ship the uploaded workload to Ray: {type(error).__name__}: {error}") from None
+
+
+def check_workload(spec: JobSpec, timeout: float) -> JobSpec:
+    """Check the job's uploaded workload in a short Ray task under the job's runtime environment (so on whichever
+    node runs it, from the pack Ray shipped there); returns the spec knowing the workload's metrics. Raises
+    WorkloadCheckError with the reason (import error, not a Workload, bad config, unknown metric)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError, RuntimeEnvSetupError
+
+    from service.workload_check import inspect_workload
+
+    task = ray.remote(num_cpus=0, max_retries=0)(inspect_workload)
+    ref = task.remote(spec.workload, dict(spec.workload_config), spec.metric)
+    try:
+        answer = ray.get(ref, timeout=timeout)
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise WorkloadCheckError(
+            f"checking the uploaded workload on the cluster took more than {timeout:g} s (KOALA_UPLOAD_CHECK_SECONDS)"
+        ) from None
+    except RuntimeEnvSetupError as error:
+        raise WorkloadCheckError(f"the Ray nodes could not set up the uploaded workload: {_tail(error)}") from None
+    except RayError as error:
+        raise WorkloadCheckError(f"checking the uploaded workload failed: {_tail(error)}") from None
+    result = _parse_answer(answer)
+    if "error" in result:
+        raise WorkloadCheckError(f"the uploaded workload {spec.workload} cannot run: {result['error']}")
+    return spec.with_checked_workload(result["metric"], result["modes"])
+
+
+def _parse_answer(answer: object) -> dict[str, Any]:
+    try:
+        result = json.loads(answer) if isinstance(answer, str) else None
+    except ValueError:
+        result = None
+    if isinstance(result, dict) and isinstance(result.get("error"), str):
+        return {"error": result["error"][:2000]}
+    if isinstance(result, dict) and isinstance(result.get("metric"), str) and isinstance(result.get("modes"), dict):
+        modes = result["modes"]
+        if result["metric"] in modes and all(isinstance(k, str) and v in ("max", "min") for k, v in modes.items()):
+            return result
+    raise WorkloadCheckError("the check of the uploaded workload gave an answer this driver does not understand")
+
+
+def _tail(error: BaseException, limit: int = 2000) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return text if len(text) <= limit else f"...{text[-limit:]}"
+
+
+def prepare_job(store: Store, settings: Settings, spec: JobSpec, into: Path) -> JobSpec:
+    """For a job with an upload: connect this driver to Ray with the pack as the job's runtime environment, and
+    check an uploaded workload on the cluster. Returns the spec to run (knowing the workload's metrics); raises
+    WorkloadCheckError. Ray stays connected for the run (the caller shuts it down)."""
+    started = time.monotonic()
+    connect_with(runtime_environment(store, settings, spec, into))
+    shipped = time.monotonic()
+    log.info("upload %s handed to Ray in %.2f s", spec.upload, shipped - started)
+    if not spec.uploaded_workload:
+        return spec
+    checked = check_workload(spec, settings.upload_check_seconds)
+    log.info("workload %s checked on the cluster in %.2f s", spec.workload, time.monotonic() - shipped)
+    return checked
