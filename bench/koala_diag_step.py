@@ -26,17 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from optimizer_step import BATCH, SEED, leaf_params, make_tensors, resnet18_cifar, small_transformer, time_round_robin
 
 from koala import KoalaDiag, KoalaM, diag_cpu_kernels
-from koala.optim import Path as StepPath
 
 SETS = {"resnet18-cifar": resnet18_cifar, "transformer-4l": small_transformer}
-
-
-class KoalaDiagTorchOps(KoalaDiag):
-    """KoalaDiag's multi-tensor path through `torch._foreach_*` alone (what runs where the CPU kernels do not)."""
-
-    def _diag_path(self, blocks: object) -> StepPath:  # type: ignore[override]
-        path = super()._diag_path(blocks)  # type: ignore[arg-type]
-        return "foreach" if path == "fused" else path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             "Adam(fused=True)": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=args.weight_decay, fused=True),
             "KoalaM(foreach=True)": lambda p: KoalaM(p, weight_decay=args.weight_decay, foreach=True),
             "KoalaDiag(foreach=True)": lambda p: KoalaDiag(p, weight_decay=args.weight_decay, foreach=True),
-            "KoalaDiag(foreach=True, torch ops)": lambda p: KoalaDiagTorchOps(
-                p, weight_decay=args.weight_decay, foreach=True
+            # The multi-tensor path through `torch._foreach_*` alone (what runs where the CPU kernels do not).
+            "KoalaDiag(foreach=True, torch ops)": lambda p: KoalaDiag(
+                p, weight_decay=args.weight_decay, foreach=True, fused=False
             ),
         }
         if args.loop:

@@ -3,7 +3,7 @@
     python bench/optimizer_step.py [--device cpu|cuda] [--repeats N] [--json PATH]
 
 KOALA's multi-tensor path runs fused kernels (Numba on the CPU, Triton on CUDA); the "torch ops" rows run the same
-path through `torch._foreach_*` alone.
+path through `torch._foreach_*` alone (`fused=False`).
 
 Parameters come from shapes alone (random weights with random `.grad`), so only `step()` is timed. All optimizers of
 a parameter set run in one process and are timed round-robin, one step each per round, so that machine noise hits
@@ -34,10 +34,10 @@ import torch
 from torch import Tensor
 
 try:
-    from koala import KoalaM, KoalaV, cpu_kernels, cuda_kernels
+    from koala import KoalaM, KoalaV
 except ImportError:  # a checkout run without installing: the package sits next to bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from koala import KoalaM, KoalaV, cpu_kernels, cuda_kernels
+    from koala import KoalaM, KoalaV
 
 Shape = tuple[int, ...]
 Step = Callable[[], None]
@@ -302,23 +302,11 @@ def _sgd(params: list[Tensor], losses: Tensor, wd: float) -> tuple[torch.optim.O
 
 
 def _koala(cls: type[KoalaV] | type[KoalaM], foreach: bool, fused_kernels: bool = True) -> Builder:
-    """`fused_kernels=False`: the multi-tensor path through `torch._foreach_*` only (KOALA_*_KERNELS=0)."""
+    """`fused_kernels=False`: the multi-tensor path through `torch._foreach_*` only (`fused=False`)."""
 
     def build(params: list[Tensor], losses: Tensor, wd: float) -> tuple[torch.optim.Optimizer, Step]:
-        opt = cls(params, weight_decay=wd, foreach=foreach)
-        step = _koala_step(opt, losses)
-        if fused_kernels:
-            return opt, step
-
-        def torch_ops_step() -> None:
-            saved = cpu_kernels.ENABLED, cuda_kernels.ENABLED
-            cpu_kernels.ENABLED = cuda_kernels.ENABLED = False
-            try:
-                step()
-            finally:
-                cpu_kernels.ENABLED, cuda_kernels.ENABLED = saved
-
-        return opt, torch_ops_step
+        opt = cls(params, weight_decay=wd, foreach=foreach, fused=None if fused_kernels else False)
+        return opt, _koala_step(opt, losses)
 
     return build
 

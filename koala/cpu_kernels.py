@@ -5,15 +5,15 @@ gain, weight gain, weight-average EMA, drift norm, predict shift) costs about 19
 8 a fused loop needs (the same count as fused Adam). These kernels are those fused loops. Each call covers a whole
 run of tensors (one parallel region for all of them, addressed through a table of data pointers), so a step pays
 one kernel launch per pass, not one per tensor: on a CIFAR ResNet-18 the per-tensor calls cost more than 1 ms of
-a ~10 ms step. They run on contiguous float32/float64 CPU tensors outside `torch.compile`; everything else takes the
-`torch._foreach_*` path, which is also the reference they are tested against. Sums accumulate in float64 across
+a ~10 ms step. They run on contiguous float32/float64 CPU tensors outside `torch.compile`, where the optimizers'
+`fused` argument asks for them (`koala.functional.select_path`); everything else takes the `torch._foreach_*` path,
+which is also the reference they are tested against. Sums accumulate in float64 across
 chunks of `_CHUNK` elements. Compiled kernels are cached on disk (`cache=True`), so only the first process on a
 machine pays the compilation (several seconds).
 """
 
 from __future__ import annotations
 
-import os
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,18 +31,25 @@ _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 # costs ~10-20 us to start).
 _CHUNK = 1 << 14
 PARALLEL_NUMEL = 1 << 16
-_DTYPES = (torch.float32, torch.float64)
-
-
-#: Set KOALA_CPU_KERNELS=0 to run the multi-tensor path with `torch._foreach_*` on the CPU too.
-ENABLED = os.environ.get("KOALA_CPU_KERNELS", "1") != "0"
+#: The dtypes the kernels take.
+DTYPES = (torch.float32, torch.float64)
 
 
 def eligible(tensors: Sequence[Tensor]) -> bool:
     """Whether the fused kernels apply: contiguous float32/float64 CPU tensors, outside `torch.compile`."""
-    if not ENABLED or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return False
-    return all(t.is_cpu and t.dtype in _DTYPES and t.is_contiguous() for t in tensors)
+    for t in tensors:  # noqa: SIM110 (a loop, not `all` over a generator: it runs every step, over every tensor)
+        if not (t.is_cpu and t.dtype in DTYPES and t.is_contiguous()):
+            return False
+    return True
+
+
+def by_default() -> bool:
+    """Whether `fused=None` runs these kernels: unless KOALA_CPU_KERNELS=0 (`koala.functional.FUSED_BY_DEFAULT`)."""
+    from koala.functional import FUSED_BY_DEFAULT  # (that module builds on this one)
+
+    return FUSED_BY_DEFAULT["cpu"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -282,10 +289,11 @@ class _Table:
 def warm_up(dtype: torch.dtype = torch.float32) -> None:
     """Load every kernel for `dtype` tensors now, serial and parallel: from Numba's on-disk cache (about a second per
     process, most of it Numba's own start-up) or by compiling it (several seconds, once per machine). Otherwise the
-    first step pays it. Idempotent and cheap once done; nothing with KOALA_CPU_KERNELS=0."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: the CPU kernels take {' or '.join(map(str, _DTYPES))}, got {dtype}")
-    if not ENABLED:
+    first step pays it. Idempotent and cheap once done; nothing with KOALA_CPU_KERNELS=0, where only `fused=True`
+    runs them (and loads them at its first step)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: the CPU kernels take {' or '.join(map(str, DTYPES))}, got {dtype}")
+    if not by_default():
         return
     _start_pool()  # compiling a parallel kernel would start it, without the care `_start_pool` takes
     scalar = np.float32 if dtype == torch.float32 else np.float64

@@ -16,8 +16,9 @@ moving fewer bytes. These kernels do the step in a handful of launches:
 Tensors are addressed through a per-step table of data pointers (the layout of torch's multi_tensor_apply), copied
 from pinned memory without blocking: `step()` never synchronises. Filter arithmetic is float64; Triton passes a
 Python float as float32, so every float64 constant enters as a (high, low) float32 pair whose sum is exact to ~1e-15.
-The kernels run where Triton is importable (it ships with torch's CUDA builds), outside `torch.compile`; set
-KOALA_CUDA_KERNELS=0 to use the `torch._foreach_*` path, the reference they are tested against.
+The kernels run where Triton is importable (it ships with torch's CUDA builds), outside `torch.compile`; the
+optimizers' `fused` argument chooses them or the `torch._foreach_*` path, the reference they are tested against
+(`koala.functional.select_path`).
 """
 
 from __future__ import annotations
@@ -40,19 +41,18 @@ try:
 except ImportError:  # CPU-only torch builds do not ship Triton
     triton = None
 
-#: Set KOALA_CUDA_KERNELS=0 to run the multi-tensor path with `torch._foreach_*` on CUDA too.
-ENABLED = triton is not None and os.environ.get("KOALA_CUDA_KERNELS", "1") != "0"
+#: Whether the kernels can run at all: Triton is importable.
+AVAILABLE: bool = triton is not None
 
 #: Triton's interpreter runs the kernels on CPU tensors (TRITON_INTERPRET=1): how they are checked without a GPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Elements per program of the passes over parameter memory.
 TILE = 4096
 _REDUCE = 256  # tiles summed per iteration of the per-block reduction
-# Columns of the per-block table: data pointers (0 where absent), element count, first tile.
-_X, _G, _V, _AVG, _NUMEL, _FIRST_TILE = range(6)
+# Columns of the per-block table: data pointers of x, g, v, x_avg (0 where absent), element count, first tile.
+_V, _AVG, _NUMEL, _FIRST_TILE = range(2, 6)
 _COLUMNS = 6
-# Scratch written by the KOALA-M filter for the update and predict kernels.
-_VELOCITY_DECAY, _TAKE, _RHO, _H, _FINITE = range(5)
+# The KOALA-M filter's scratch (velocity decay, take, rho, h, finite) is addressed by position in the kernels.
 
 
 def _split(value: float) -> tuple[float, float]:
@@ -140,7 +140,7 @@ def plan(
 
     One pass over the blocks checks them, gathers the pointers and computes the runs (this runs every step: a plain
     loop, about 1.5 us per block)."""
-    if not ENABLED or torch.compiler.is_compiling() or filter_device.type != ("cpu" if INTERPRET else "cuda"):
+    if not AVAILABLE or torch.compiler.is_compiling() or filter_device.type != ("cpu" if INTERPRET else "cuda"):
         return None
     pointers = []
     keys = []

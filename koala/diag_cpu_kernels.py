@@ -26,9 +26,6 @@ from torch import Tensor
 from koala import cpu_kernels
 from koala.cpu_kernels import _LANES, _chunk, _compile, _Table, _work_items
 
-ENABLED = cpu_kernels.ENABLED
-eligible = cpu_kernels.eligible
-
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _sigma(v, a, beta2, one_minus_beta2, inv_bc2, eps):
@@ -190,7 +187,7 @@ def update(
 def warm_up(dtype: torch.dtype = torch.float32) -> None:
     """Load both kernels for `dtype` tensors now (serial and parallel), like `koala.cpu_kernels.warm_up`."""
     cpu_kernels.warm_up(dtype)
-    if not ENABLED:
+    if not cpu_kernels.by_default():
         return
     scalar = np.float32 if dtype == torch.float32 else np.float64
     int_array = numba.typeof(np.zeros(1, np.int64))

@@ -11,18 +11,21 @@ Symbols follow docs/method.md (the paper's notation) and are mapped once here:
 On accelerators everything here is sync-free: the skip rule is a mask, per-block coefficients stay on the device as
 0-d tensors and the learning rate enters as a Python scalar. Each variant has a readable single-tensor path (a loop
 over tensors, the reference) and a multi-tensor path: `torch._foreach_*` over runs of tensors that share device,
-dtype, lr and weight decay, or, for float32/float64 CPU tensors, the fused kernels of `koala.cpu_kernels` (one pass
-over memory per step where eager ops need several; on the CPU reading a scalar is free, there is no device). On CUDA
-the multi-tensor path runs `koala.cuda_kernels` (Triton), which implements this same math in a few launches and is
-tested against the `torch._foreach_*` path here.
+dtype, lr and weight decay, or the fused kernels: for float32/float64 CPU tensors those of `koala.cpu_kernels` (one
+pass over memory per step where eager ops need several; on the CPU reading a scalar is free, there is no device), on
+CUDA those of `koala.cuda_kernels` (Triton), which implement this same math in a few launches and are tested against
+the `torch._foreach_*` path here. `PATHS` maps each path's name to its implementation and `select_path` picks one
+per step from the optimizer's `foreach` and `fused` arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +43,17 @@ GRADIENT_THRESHOLD = 1e-9
 #: EMA coefficient of the weight average x_avg and of the process noise qx (hard-coded in the official code).
 AVERAGE_DECAY = 0.9
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# Keys of the optimizer state (docs/method.md "Step contract", item 11). The filter's global quantities live, as
+# float64 tensors, under the first parameter; the others per parameter.
+STEP = "step"  # accepted steps, 0-d
+COVARIANCE = "covariance"  # predicted covariance: s^ (0-d) for KOALA-V and KOALA-Diag, P^ (2x2) for KOALA-M
+MEASUREMENT_NOISE = "measurement_noise"  # R, 0-d
+PROCESS_NOISE = "process_noise"  # qx, 0-d (KOALA-M)
+FILTER_KEYS = (STEP, COVARIANCE, MEASUREMENT_NOISE, PROCESS_NOISE)
+VELOCITY = "velocity"  # posterior velocity p_k, per parameter (KOALA-M)
+WEIGHT_AVERAGE = "weight_average"  # x_avg, per parameter (KOALA-M)
+SECOND_MOMENT = "second_moment"  # v_b, per parameter (KOALA-Diag)
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
@@ -152,16 +166,18 @@ def measure_multi_tensor(blocks: Blocks, moments: Tensor, filter_device: torch.d
     )
 
 
-def measure_fused_cpu(blocks: Blocks, moments: np.ndarray) -> Measurement:
-    """Fused CPU path: one kernel call per run gives every block's three statistics; NumPy arrays out."""
+def measure_fused_cpu(blocks: Blocks, moments: Tensor, filter_device: torch.device) -> Measurement:
+    """Fused CPU path: one kernel call per run gives every block's three statistics; NumPy arrays out (`moments` is
+    a float64 CPU tensor, read through its NumPy view)."""
+    host_moments = moments.numpy()
     nblocks = len(blocks)
     sums = np.zeros((nblocks, 3))  # |g|^2, |a|^2, |x|^2 per block
     for run in runs(blocks, with_grad=True):
         sums[run.start : run.stop] = cpu_kernels.block_sums(run.grads(blocks), run.params(blocks), run.weight_decay)
     half_decay = np.array(blocks.weight_decays) / 2
     return Measurement(
-        loss=moments[0] / moments[2],
-        loss_second_moment=moments[1] / moments[2],
+        loss=host_moments[0] / host_moments[2],
+        loss_second_moment=host_moments[1] / host_moments[2],
         grad_norms=np.sqrt(sums[:, 0]),
         augmented_sq_norms=sums[:, 1],
         l2_terms=sums[:, 2] * half_decay,
@@ -301,6 +317,34 @@ def gains(
     )
 
 
+def momentum_posterior(prior: Array, g: Gains, xp: Namespace = torch) -> Array:
+    """KOALA-M's update_k of the covariance: P_k = P^ - h~ c c^T with c = P^[:, 1], so rho = 1 - h~ P^[1,1] scales the
+    first row and column (docs/method.md "KOALA-M")."""
+    sxx, sxp, spp = prior[0, 0], prior[0, 1], prior[1, 1]
+    return xp.stack((xp.stack((g.rho * sxx, g.rho * sxp)), xp.stack((g.rho * sxp, spp - g.h * sxp * sxp))))
+
+
+def momentum_prior(
+    posterior: Array,
+    process_noise: Array,
+    drift_sq: Array,
+    numel: int,
+    momentum: float,
+    velocity_noise: float,
+    xp: Namespace = torch,
+) -> tuple[Array, Array]:
+    """KOALA-M's predict_{k+1} of the covariance: P^ = F P F^T + diag(qx, q_p), F = [[1, 1], [0, kappa]], after the qx
+    EMA of the weight drift |x - x_avg|_2 / n (51', 52', 55). `drift_sq` is |x - x_avg|_2^2 over all `numel` weights
+    (under DDP the replicas' mean). Returns (P^, qx)."""
+    qx = AVERAGE_DECAY * process_noise + (1 - AVERAGE_DECAY) * xp.sqrt(drift_sq) / numel
+    sxx, sxp, spp = posterior[0, 0], posterior[0, 1], posterior[1, 1]
+    pxx = sxx + 2 * sxp + spp + qx
+    pxp = momentum * (sxp + spp)
+    ppp = momentum * momentum * spp + velocity_noise
+    prior = xp.stack((xp.stack((pxx, pxp)), xp.stack((pxp, ppp))))
+    return prior, qx
+
+
 def to_float(flag: Array, like: Array) -> Array:
     """A bool as 0/1 in the float dtype of `like` (torch would turn `bool * 0.1` into float32)."""
     return flag.to(like.dtype) if isinstance(flag, Tensor) else np.asarray(flag, dtype=np.float64)
@@ -342,7 +386,7 @@ def apply_vanilla_single_tensor(blocks: Blocks, coefficients: Tensor, finite: Te
         x.addcmul_(direction, per_block(coefficients, x.device)[b], value=-blocks.lrs[b])
 
 
-def apply_vanilla_fused_cpu(blocks: Blocks, coefficients: np.ndarray, finite: bool) -> None:
+def apply_vanilla_fused_cpu(blocks: Blocks, coefficients: np.ndarray, finite: np.bool_ | bool) -> None:
     """KOALA-V, fused CPU path: x_b <- x_b - lr * coefficient_b * g_b, one kernel call per run."""
     if not finite:
         return  # skipped step (reading a host flag is free)
@@ -449,3 +493,207 @@ def apply_momentum_fused_cpu(
             shift=1.0,
         )
     return drift
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The paths: one table from a path's name to its implementation, and the rule that picks one per step
+
+PathName = Literal["single", "foreach", "fused", "triton"]
+
+#: What `fused=None` does where the fused kernels apply: run them, unless the environment turns them off with
+#: KOALA_CPU_KERNELS=0 (the Numba kernels, CPU) or KOALA_CUDA_KERNELS=0 (the Triton kernels, CUDA); the
+#: multi-tensor path then runs `torch._foreach_*`. Read once, at import; `fused=True` or `fused=False` overrides it.
+FUSED_BY_DEFAULT = {
+    "cpu": os.environ.get("KOALA_CPU_KERNELS", "1") != "0",
+    "cuda": os.environ.get("KOALA_CUDA_KERNELS", "1") != "0",
+}
+#: Devices with native `torch._foreach_*` kernels: where `foreach=None` means the multi-tensor path (as in torch).
+FOREACH_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def write_state(state: dict[str, Any], key: str, value: Array) -> None:
+    """Store a filter quantity as the float64 tensor the state dict carries (a NumPy result becomes one)."""
+    state[key] = value if isinstance(value, Tensor) else torch.from_numpy(np.array(value, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class HostPath:
+    """A path whose step the host drives: measure the blocks, compute the filter's gains in `xp` (torch, on the
+    filter's device, or NumPy on the fused CPU path, where reading a scalar is free), apply the update."""
+
+    name: PathName
+    xp: Namespace  # the namespace of the filter's scalar arithmetic
+    multi_tensor: bool  # one call per run of tensors, not one operation per tensor
+    kernels: bool  # the passes over memory are the fused kernels of `koala.cpu_kernels`
+    loss_moments: Callable[[Tensor, torch.device, torch.dtype], Tensor]  # (loss, filter device, dtype) -> moments
+    measure: Callable[[Blocks, Tensor, torch.device], Measurement]  # (blocks, loss moments, filter device)
+    apply_vanilla: Callable[[Blocks, Array, Array], None]  # KOALA-V: (blocks, coefficients, finite)
+    apply_momentum: Callable[[Blocks, list[Tensor], list[Tensor], MomentumCoefficients], Array]  # KOALA-M: drift^2
+
+    def read(self, state: dict[str, Any], key: str) -> Array:
+        """A filter quantity in this path's namespace (a zero-copy NumPy view on the fused CPU path)."""
+        value = state[key]
+        return value.numpy() if self.xp is np else value
+
+    def errstate(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of the filter's scalar arithmetic: NaN statistics are masked, not NumPy warnings."""
+        return np.errstate(all="ignore") if self.xp is np else _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _moments_on_host(loss: Tensor, filter_device: torch.device, dtype: torch.dtype) -> Tensor:
+    return loss_moments_host(loss)  # (the fused CPU path's filter is float64 on the CPU)
+
+
+#: The reference: a loop over tensors, one torch operation per tensor.
+SINGLE = HostPath(
+    name="single",
+    xp=torch,
+    multi_tensor=False,
+    kernels=False,
+    loss_moments=loss_moments,
+    measure=measure_single_tensor,
+    apply_vanilla=apply_vanilla_single_tensor,
+    apply_momentum=apply_momentum_single_tensor,
+)
+#: `torch._foreach_*` over runs of tensors sharing device, dtype, lr and weight decay.
+FOREACH = HostPath(
+    name="foreach",
+    xp=torch,
+    multi_tensor=True,
+    kernels=False,
+    loss_moments=loss_moments,
+    measure=measure_multi_tensor,
+    apply_vanilla=apply_vanilla_multi_tensor,
+    apply_momentum=apply_momentum_multi_tensor,
+)
+#: The Numba kernels of `koala.cpu_kernels` on contiguous float32/float64 CPU tensors, the filter in NumPy.
+FUSED = HostPath(
+    name="fused",
+    xp=np,
+    multi_tensor=True,
+    kernels=True,
+    loss_moments=_moments_on_host,
+    measure=measure_fused_cpu,
+    apply_vanilla=apply_vanilla_fused_cpu,
+    apply_momentum=apply_momentum_fused_cpu,
+)
+
+# The CUDA kernels build on this module (its blocks, runs and constants): imported once everything above exists.
+from koala import cuda_kernels  # noqa: E402
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """A path that runs the whole step in device kernels: measurement, filter and update, the filter state updated in
+    place on the device and nothing read back. `plan` gives a step's layout, or None where the kernels do not
+    apply (every tensor must be a contiguous floating-point tensor on the filter's CUDA device)."""
+
+    name: PathName
+    available: bool  # the kernels can run at all (Triton is importable)
+    plan: Callable[..., cuda_kernels.Layout | None]
+    loss_moments: Callable[[Tensor, torch.device, Tensor | None], Tensor]
+    block_stats: Callable[[Blocks, cuda_kernels.Layout], Tensor]
+    vanilla_step: Callable[..., None]  # KOALA-V's filter and update
+    momentum_update: Callable[..., tuple[Tensor, Tensor]]  # KOALA-M's update_k: (drift^2, scratch)
+    momentum_predict: Callable[..., None]  # KOALA-M's covariance update and predict_{k+1}
+
+
+@dataclass(slots=True)
+class KernelPlan:
+    """A kernel path with the layout of this step."""
+
+    path: KernelPath
+    layout: cuda_kernels.Layout
+
+    @property
+    def name(self) -> PathName:
+        return self.path.name
+
+    def loss_moments(self, loss: Tensor, filter_device: torch.device, dtype: torch.dtype) -> Tensor:
+        return self.path.loss_moments(loss, filter_device, self.layout.workspace.moments)  # float64
+
+
+#: The Triton kernels of `koala.cuda_kernels` on CUDA.
+TRITON = KernelPath(
+    name="triton",
+    available=cuda_kernels.AVAILABLE,
+    plan=cuda_kernels.plan,
+    loss_moments=cuda_kernels.loss_moments,
+    block_stats=cuda_kernels.block_stats,
+    vanilla_step=cuda_kernels.vanilla_step,
+    momentum_update=cuda_kernels.momentum_update,
+    momentum_predict=cuda_kernels.momentum_predict,
+)
+
+#: Every path by name.
+PATHS: dict[PathName, HostPath | KernelPath] = {path.name: path for path in (SINGLE, FOREACH, FUSED, TRITON)}
+
+
+def check_fused(params: Sequence[Tensor], device_kernels: bool) -> None:
+    """Refuse `fused=True` for parameters no fused kernel takes, whatever the step (as torch's optimizers do when
+    they are built): the CPU kernels take float32 and float64, the CUDA ones (`device_kernels`) need Triton."""
+    for p in params:
+        if p.device.type == "cpu" and p.dtype in cpu_kernels.DTYPES:
+            continue
+        if device_kernels and p.device.type == "cuda" and TRITON.available:
+            continue
+        takes = "float32/float64 CPU tensors" + (" and CUDA tensors (with Triton)" if device_kernels else "")
+        raise RuntimeError(f"fused=True: the fused kernels take {takes}, got a {p.dtype} parameter on {p.device}")
+
+
+def select_path(
+    blocks: Blocks,
+    filter_device: torch.device,
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+    kernel_state: Callable[[], tuple[list[Tensor], ...]],
+    workspace: cuda_kernels.Workspace | None,
+    device_kernels: bool,
+) -> HostPath | KernelPlan:
+    """This step's path, from the optimizer's `foreach` and `fused` (their meaning in torch's optimizers):
+
+        fused=True    the fused kernels: Triton on CUDA (where `device_kernels`), Numba on the CPU; a RuntimeError
+                      where they do not apply to these tensors (layout, dtype, devices)
+        fused=None    unless foreach=False, the fused kernels where they apply and `FUSED_BY_DEFAULT` allows it;
+                      otherwise as fused=False
+        fused=False   foreach=True `torch._foreach_*`, foreach=False the single-tensor loop, foreach=None the first
+                      on `FOREACH_DEVICES` and the loop elsewhere
+
+    Under `torch.compile` the kernels do not run (the compiler traces torch operations): fused=True then takes
+    `torch._foreach_*`. `kernel_state()` lists the per-parameter state tensors the kernels read and write, one list
+    per kind; it is called only where kernels may run.
+    """
+    if fused is None:
+        if foreach is False:
+            return SINGLE
+        kernels = FUSED_BY_DEFAULT.get(filter_device.type, False)
+    else:
+        kernels = fused
+    if kernels and not torch.compiler.is_compiling():
+        state = kernel_state()
+        if device_kernels:
+            layout = TRITON.plan(blocks, filter_device, workspace, *state)
+            if layout is not None:
+                return KernelPlan(TRITON, layout)
+        if filter_device.type == "cpu":
+            tensors = blocks.params + [g for g in blocks.grads if g is not None]
+            for kind in state:
+                tensors += kind
+            if cpu_kernels.eligible(tensors):
+                return FUSED
+        if fused:
+            cuda = ", or contiguous tensors on one CUDA device (with Triton)" if device_kernels else ""
+            raise RuntimeError(
+                f"fused=True, but the fused kernels do not apply to these tensors: they take contiguous float32 or "
+                f"float64 CPU tensors{cuda}, parameters, gradients and state alike; pass fused=None to use them "
+                "where they apply"
+            )
+    if fused or foreach:
+        return FOREACH
+    if foreach is False:
+        return SINGLE
+    return FOREACH if all(p.device.type in FOREACH_DEVICES for p in blocks.params) else SINGLE

@@ -19,24 +19,17 @@ from torch.optim.optimizer import ParamsT
 
 from koala import diag_cpu_kernels
 from koala import functional as F
+from koala.functional import COVARIANCE, MEASUREMENT_NOISE, SECOND_MOMENT, STEP
 from koala.optim import (
     _CALL_HINT,
-    COVARIANCE,
-    MEASUREMENT_NOISE,
-    STEP,
     Loss,
-    Path,
     _check,
     _check_number,
     _describe,
     _distributed,
     _KalmanOptimizer,
     _loss_tensor,
-    _read,
-    _write,
 )
-
-SECOND_MOMENT = "second_moment"  # v_b, per parameter
 
 
 def per_sample_losses(loss: Tensor) -> Tensor:
@@ -89,7 +82,7 @@ class KoalaDiag(_KalmanOptimizer):
     if it never had per-sample losses): documented as degraded. Under DDP the loss moments (sum, sum of squares,
     count of the per-sample losses) are all-reduced, so every replica takes the identical step. `eval()`/`train()`
     are no-ops, as for KOALA-V. `step()` does not synchronise with the device; the multi-tensor path runs fused
-    Numba kernels on the CPU (two passes over memory) and `torch._foreach_*` elsewhere.
+    Numba kernels on the CPU (two passes over memory) and `torch._foreach_*` elsewhere (there is no CUDA kernel).
 
     Args:
         params: parameters or parameter groups (per-group `lr` and `weight_decay` are honoured).
@@ -101,10 +94,14 @@ class KoalaDiag(_KalmanOptimizer):
         measurement_noise: a fixed R > 0, or None (default) for the adaptive estimate.
         noise_decay: EMA coefficient beta_R of the adaptive R (default 0.9).
         weight_decay: lam, coupled L2 (default 0).
-        foreach: multi-tensor path (True), the single-tensor loop (False), or None to choose by device.
+        foreach: the multi-tensor path (True), the single-tensor loop (False), or None to choose by device.
+        fused: how the multi-tensor path runs: its fused CPU kernels (True, also with foreach=False; a RuntimeError
+            where they do not apply to the tensors), `torch._foreach_*` (False), or None (default) for the kernels
+            where they apply, unless KOALA_CPU_KERNELS=0, and `torch._foreach_*` elsewhere.
     """
 
     _variant = "KOALA-Diag"
+    _DEVICE_KERNELS = False  # the fused kernels are the CPU ones only
     _HYPERPARAMETERS = (
         *_KalmanOptimizer._HYPERPARAMETERS,
         "initial_covariance",
@@ -126,6 +123,7 @@ class KoalaDiag(_KalmanOptimizer):
         noise_decay: float = 0.9,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         _check_number("initial_covariance", initial_covariance, low=0.0, low_open=True)
         _check_number("process_noise", process_noise, low=0.0)
@@ -138,6 +136,7 @@ class KoalaDiag(_KalmanOptimizer):
             measurement_noise=measurement_noise,
             noise_decay=noise_decay,
             foreach=foreach,
+            fused=fused,
         )
         self.initial_covariance = initial_covariance
         self.process_noise = process_noise
@@ -187,17 +186,15 @@ class KoalaDiag(_KalmanOptimizer):
         state = self.state[blocks.params[0]]
         if STEP not in state:
             self._init_state(blocks)
-        path = self._diag_path(blocks)
+        path = self._path(blocks)
+        assert isinstance(path, F.HostPath)  # (no kernel path: `_DEVICE_KERNELS` is False)
         samples = per_sample_losses(measured.detach())
-        if path == "fused":
-            moments = F.loss_moments_host(samples)
-        else:
-            moments = F.loss_moments(samples, state[COVARIANCE].device, state[COVARIANCE].dtype)
+        moments = path.loss_moments(samples, state[COVARIANCE].device, state[COVARIANCE].dtype)
         if _distributed():
             dist.all_reduce(moments)  # global sum, sum of squares and count: every replica takes the same step
-        if path == "fused":
-            with np.errstate(all="ignore"):  # NaN statistics are masked, not errors
-                self._fused_step(blocks, moments.numpy(), state)
+        if path.kernels:
+            with path.errstate():  # NaN statistics are masked, not errors
+                self._fused_step(blocks, moments.numpy(), state, path)
         else:
             self._torch_step(blocks, moments, state, path)
         return loss
@@ -215,34 +212,22 @@ class KoalaDiag(_KalmanOptimizer):
     def _kernel_state(self, blocks: F.Blocks) -> tuple[list[Tensor], ...]:
         return ([self.state[p][SECOND_MOMENT] for p in blocks.params],)
 
-    def _diag_path(self, blocks: F.Blocks) -> Path:
-        """ "single" (the readable loop), "foreach" (torch multi-tensor ops) or "fused" (the CPU kernels)."""
-        foreach = self.param_groups[0]["foreach"]
-        if foreach is False:
-            return "single"
-        if foreach is None and not all(p.device.type in ("cpu", "cuda", "xpu") for p in blocks.params):
-            return "single"
-        filter_device = self.state[blocks.params[0]][COVARIANCE].device
-        tensors = [*blocks.params, *(g for g in blocks.grads if g is not None), *self._kernel_state(blocks)[0]]
-        if filter_device.type == "cpu" and diag_cpu_kernels.eligible(tensors):
-            return "fused"
-        return "foreach"
-
     # ---- the filter's scalars (NumPy on the fused path, torch elsewhere) ---------------------------------------------
 
     def _filter(
         self,
-        xp: F.Namespace,
         moments: F.Array,
         stats: F.Array,
         numels: F.Array,
         has_grad: F.Array,
         state: dict[str, Any],
-        path: Path,
+        path: F.HostPath,
     ) -> tuple[F.Array, F.Array, F.Array]:
         """The step's scalars from the loss moments [sum, sum of squares, count] and the per-block sums `stats`
         (B, 4): [|g|^2, sum sigma, sum a^2 / sigma, lam/2 |x|^2]. Writes the filter state and returns (take, updated
-        (B,), coefficients (B,)): block b moves by -lr_b * coefficients[b] * a_b / sigma_b."""
+        (B,), coefficients (B,)): block b moves by -lr_b * coefficients[b] * a_b / sigma_b. The arithmetic runs in the
+        path's namespace: NumPy on the fused path, torch elsewhere."""
+        xp = path.xp
         total, total_sq, count = moments[0], moments[1], moments[2]
         big_l = total / count
         finite = xp.isfinite(big_l) & xp.isfinite(total_sq) & xp.isfinite(stats).all()
@@ -253,7 +238,7 @@ class KoalaDiag(_KalmanOptimizer):
         scale = xp.where(updated, stats[:, 1], zero).sum() / xp.where(numel > 0, numel, 1.0)  # c
         big_g = scale * xp.where(updated, stats[:, 2], zero).sum()
         l2 = xp.where(updated, stats[:, 3], zero).sum()
-        noise = _read(state, MEASUREMENT_NOISE, path)
+        noise = path.read(state, MEASUREMENT_NOISE)
         if self.measurement_noise is None:
             # The sample variance: squared deviations over count - 1, clamped at 0 against rounding.
             deviations = total_sq - total * big_l
@@ -263,15 +248,15 @@ class KoalaDiag(_KalmanOptimizer):
             new_noise = xp.where(take & (count > 1), blended, noise)
         else:
             new_noise = noise
-        prior = _read(state, COVARIANCE, path)
+        prior = path.read(state, COVARIANCE)
         innovation = prior * big_g + new_noise  # S
         safe = xp.where(take, innovation, 1.0)
         gain = xp.where(take, prior * (big_l + l2) / safe, 0.0)  # s^ (L + l2) / S, lr applied per block
         coefficients = xp.where(updated & take, gain * scale, zero)
         posterior = prior * new_noise / safe
-        _write(state, COVARIANCE, xp.where(take, posterior + self.process_noise, prior))
-        _write(state, MEASUREMENT_NOISE, new_noise)
-        _write(state, STEP, _read(state, STEP, path) + F.to_float(take, prior))
+        F.write_state(state, COVARIANCE, xp.where(take, posterior + self.process_noise, prior))
+        F.write_state(state, MEASUREMENT_NOISE, new_noise)
+        F.write_state(state, STEP, path.read(state, STEP) + F.to_float(take, prior))
         return take, updated, coefficients
 
     def _numels(self, blocks: F.Blocks, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -284,7 +269,7 @@ class KoalaDiag(_KalmanOptimizer):
 
     # ---- the three paths ------------------------------------------------------------------------------------------
 
-    def _fused_step(self, blocks: F.Blocks, moments: np.ndarray, state: dict[str, Any]) -> None:
+    def _fused_step(self, blocks: F.Blocks, moments: np.ndarray, state: dict[str, Any], path: F.HostPath) -> None:
         """CPU kernels: host-side NumPy scalars, one statistics and one update call per run of tensors."""
         inv_bc2 = 1.0 / (1.0 - self.beta2 ** (float(state[STEP]) + 1))  # reading a CPU tensor is free
         stats = np.zeros((len(blocks), 4))
@@ -303,7 +288,7 @@ class KoalaDiag(_KalmanOptimizer):
             stats[window, 3] *= run.weight_decay / 2
         numels = np.array([float(p.numel()) for p in blocks.params])
         has_grad = np.array([g is not None for g in blocks.grads])
-        take, updated, coefficients = self._filter(np, moments, stats, numels, has_grad, state, "fused")
+        take, updated, coefficients = self._filter(moments, stats, numels, has_grad, state, path)
         if not take:
             self._warn_skipped(bool(np.isfinite(stats).all() and np.isfinite(moments).all()))
             return
@@ -321,7 +306,7 @@ class KoalaDiag(_KalmanOptimizer):
                 updated[window],
             )
 
-    def _torch_step(self, blocks: F.Blocks, moments: Tensor, state: dict[str, Any], path: Path) -> None:
+    def _torch_step(self, blocks: F.Blocks, moments: Tensor, state: dict[str, Any], path: F.HostPath) -> None:
         """`torch._foreach_*` per run of tensors ("foreach") or a loop over tensors ("single"); sync-free."""
         filter_device, dtype = moments.device, moments.dtype
         inv_bc2 = 1 / (1 - self.beta2 ** (state[STEP] + 1))  # 0-d float64 on the filter device
@@ -344,7 +329,7 @@ class KoalaDiag(_KalmanOptimizer):
             work.append((run, steps, v_new))
         numels = self._numels(blocks, filter_device, dtype)
         has_grad = F.mask_from_flags([g is not None for g in blocks.grads], filter_device)
-        take, updated, coefficients = self._filter(torch, moments, stats, numels, has_grad, state, path)
+        take, updated, coefficients = self._filter(moments, stats, numels, has_grad, state, path)
         applied = F.to_float(updated & take, coefficients)
         for run, steps, v_new in work:
             xs, vs = run.params(blocks), second_moments[run.start : run.stop]
@@ -353,7 +338,7 @@ class KoalaDiag(_KalmanOptimizer):
             mixed = list(F.per_block(applied, device)[run.start : run.stop])
             gains = list(F.per_block(coefficients, device)[run.start : run.stop])
             # v <- v' where the block is updated, v elsewhere (both finite, so the blend is exact either way).
-            if path == "foreach":
+            if path.multi_tensor:
                 torch._foreach_mul_(vs, kept)
                 torch._foreach_addcmul_(vs, v_new, mixed)
                 torch._foreach_addcmul_(xs, steps, gains, value=-run.lr)
@@ -381,16 +366,16 @@ class KoalaDiag(_KalmanOptimizer):
 # ---- tensor passes of the torch paths ("foreach": one call per run; "single": one op per tensor) ------------------
 
 
-def _norms(tensors: list[Tensor], order: float, path: str, like: Tensor) -> Tensor:
+def _norms(tensors: list[Tensor], order: float, path: F.HostPath, like: Tensor) -> Tensor:
     acc = F.norm_dtype(tensors[0].dtype)
-    if path == "foreach":
+    if path.multi_tensor:
         norms = list(torch._foreach_norm(tensors, order, dtype=acc))
     else:
         norms = [torch.linalg.vector_norm(t, order, dtype=acc) for t in tensors]
     return torch.stack(norms).to(like.device, like.dtype)
 
 
-def _sq_norms(tensors: list[Tensor], path: str, like: Tensor) -> Tensor:
+def _sq_norms(tensors: list[Tensor], path: F.HostPath, like: Tensor) -> Tensor:
     return _norms(tensors, 2, path, like).square()
 
 
@@ -401,11 +386,11 @@ def _directions(gs: list[Tensor], xs: list[Tensor], weight_decay: float, finite:
 
 
 def _sigma(
-    vs: list[Tensor], directions: list[Tensor], beta2: float, inv_bc2: Tensor, eps: float, path: Path
+    vs: list[Tensor], directions: list[Tensor], beta2: float, inv_bc2: Tensor, eps: float, path: F.HostPath
 ) -> tuple[list[Tensor], list[Tensor]]:
     """v' = beta2 v + (1 - beta2) a^2 and sigma = sqrt(v' / (1 - beta2^t)) + eps, as new tensors."""
     factor = inv_bc2.to(vs[0].device, vs[0].dtype)
-    if path == "foreach":
+    if path.multi_tensor:
         v_new = list(torch._foreach_mul(vs, beta2))
         torch._foreach_addcmul_(v_new, directions, directions, value=1 - beta2)
         sigma = list(torch._foreach_mul(v_new, factor))
@@ -416,8 +401,8 @@ def _sigma(
     return v_new, [v.mul(factor).sqrt_().add_(eps) for v in v_new]
 
 
-def _div(directions: list[Tensor], sigma: list[Tensor], path: Path) -> list[Tensor]:
-    if path == "foreach":
+def _div(directions: list[Tensor], sigma: list[Tensor], path: F.HostPath) -> list[Tensor]:
+    if path.multi_tensor:
         return list(torch._foreach_div(directions, sigma))
     return [a / s for a, s in zip(directions, sigma, strict=True)]
 
@@ -428,12 +413,12 @@ def _sums(
     sigma: list[Tensor],
     steps: list[Tensor],
     weight_decay: float,
-    path: Path,
+    path: F.HostPath,
     like: Tensor,
 ) -> Tensor:
     """Per block [sum sigma, sum a^2 / sigma, lam/2 |x|^2], shape (blocks, 3); sigma > 0 and a^2 / sigma >= 0, so
     their sums are L1 norms."""
-    if path == "foreach":
+    if path.multi_tensor:
         products = list(torch._foreach_mul(directions, steps))
     else:
         products = [a * d for a, d in zip(directions, steps, strict=True)]

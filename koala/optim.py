@@ -11,7 +11,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -19,21 +19,20 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from koala import cpu_kernels, cuda_kernels
+from koala import cuda_kernels
 from koala import functional as F
+from koala.functional import (
+    COVARIANCE,
+    FILTER_KEYS,
+    MEASUREMENT_NOISE,
+    PROCESS_NOISE,
+    STEP,
+    VELOCITY,
+    WEIGHT_AVERAGE,
+)
 
 Loss = Tensor | float  # a real number is a 0-d loss
 Closure = Callable[[], Tensor | float]
-Path = Literal["single", "foreach", "fused", "triton"]
-
-# Keys of the filter state stored under the first parameter.
-STEP = "step"  # accepted steps, float64 0-d
-COVARIANCE = "covariance"  # predicted covariance: s^ (0-d) for KOALA-V, P^ (2x2) for KOALA-M
-MEASUREMENT_NOISE = "measurement_noise"  # R, 0-d
-PROCESS_NOISE = "process_noise"  # qx, 0-d (KOALA-M)
-FILTER_KEYS = (STEP, COVARIANCE, MEASUREMENT_NOISE, PROCESS_NOISE)
-VELOCITY = "velocity"  # posterior velocity p_k (KOALA-M)
-WEIGHT_AVERAGE = "weight_average"  # x_avg (KOALA-M)
 
 _CALL_HINT = (
     "pass the minibatch loss, e.g. `losses = F.cross_entropy(out, y, reduction='none'); "
@@ -102,6 +101,7 @@ class _KalmanOptimizer(torch.optim.Optimizer):
 
     _variant = "KOALA"
     _HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("measurement_noise", "noise_decay")
+    _DEVICE_KERNELS: ClassVar[bool] = True  # the variant has a kernel path on CUDA (`koala.functional.TRITON`)
 
     def __init__(
         self,
@@ -111,6 +111,7 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         measurement_noise: float | None,
         noise_decay: float,
         foreach: bool | None,
+        fused: bool | None,
     ) -> None:
         _check_lr(defaults["lr"])
         _check_number("weight_decay", defaults["weight_decay"], low=0.0)
@@ -118,7 +119,10 @@ class _KalmanOptimizer(torch.optim.Optimizer):
             _check_number("measurement_noise", measurement_noise, low=0.0, low_open=True)
         _check_number("noise_decay", noise_decay, low=0.0, high=1.0)
         _check(foreach is None or isinstance(foreach, bool), f"Invalid foreach: {foreach!r} (expected None or bool)")
-        defaults = dict(defaults, foreach=foreach, train_mode=True)
+        _check(fused is None or isinstance(fused, bool), f"Invalid fused: {fused!r} (expected None or bool)")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's rule and message
+        defaults = dict(defaults, foreach=foreach, fused=fused, train_mode=True)
         super().__init__(params, defaults)
         self.measurement_noise = measurement_noise
         self.noise_decay = noise_decay
@@ -134,10 +138,16 @@ class _KalmanOptimizer(torch.optim.Optimizer):
             name = type(self).__name__
             raise RuntimeError(f"{name} keeps one filter over all parameters: add groups before the first step")
         super().add_param_group(param_group)  # normalises the group (its params may be an iterator) and appends it
-        bad = [p.dtype for p in self.param_groups[-1]["params"] if not p.is_floating_point()]
-        if bad:
+        added = self.param_groups[-1]["params"]
+        bad = [p.dtype for p in added if not p.is_floating_point()]
+        try:
+            if bad:
+                raise ValueError(f"Invalid parameter dtype {bad[0]}: KOALA needs floating-point tensors")
+            if self.param_groups[0]["fused"]:  # the first group's options choose the path
+                F.check_fused(added, self._DEVICE_KERNELS)
+        except (ValueError, RuntimeError):
             self.param_groups.pop()
-            raise ValueError(f"Invalid parameter dtype {bad[0]}: KOALA needs floating-point tensors")
+            raise
 
     def __getstate__(self) -> dict[str, Any]:
         """What pickle and deepcopy keep: torch's defaults, state and param groups, the filter's hyperparameters and
@@ -152,8 +162,10 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_stashed_weights", None)
         self.__dict__.setdefault("_workspace", None)
+        self.defaults.setdefault("fused", None)  # (pickled by versions without `fused`)
         for group in self.param_groups:  # param groups saved without these options (torch's backward compatibility)
             group.setdefault("foreach", self.defaults.get("foreach"))
+            group.setdefault("fused", self.defaults["fused"])
             group.setdefault("train_mode", True)
 
     # ---- the public protocol --------------------------------------------------------------------------------------
@@ -195,28 +207,19 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         state = self.state[blocks.params[0]]
         if STEP not in state:
             self._init_state(blocks)
+        path = self._path(blocks)
         device = state[COVARIANCE].device
-        path, layout = self._path(blocks)
-        if layout is not None:
-            moments = cuda_kernels.loss_moments(measured, device, layout.workspace.moments)
-        elif path == "fused":
-            moments = F.loss_moments_host(measured)
-        else:
-            moments = F.loss_moments(measured, device, state[COVARIANCE].dtype)
+        moments = path.loss_moments(measured, device, state[COVARIANCE].dtype)
         if _distributed():
             dist.all_reduce(moments)  # global L and m2 so every replica takes the identical step
-        if layout is not None:
+        if isinstance(path, F.KernelPlan):
             # Fused CUDA kernels: the filter runs on the device, its state is updated in place, nothing is read back.
-            self._triton_step(blocks, layout, moments, state)
+            self._kernel_step(blocks, path, moments, state)
             return loss
-        if path == "fused":
-            # Host arithmetic in NumPy for the filter's scalars: on the CPU a 0-d torch op costs ~10 us, NumPy ~1 us.
-            measurement = F.measure_fused_cpu(blocks, moments.numpy())
-            with np.errstate(all="ignore"):  # NaN statistics are masked, not errors
-                self._filter_step(blocks, measurement, state, path)
-        else:
-            measure = F.measure_multi_tensor if path == "foreach" else F.measure_single_tensor
-            measurement = measure(blocks, moments, device)
+        # The filter's scalars in the path's namespace: NumPy on the fused CPU path, where a 0-d torch op would cost
+        # ~10 us and NumPy's ~1 us; torch on the filter's device elsewhere.
+        measurement = path.measure(blocks, moments, device)
+        with path.errstate():
             self._filter_step(blocks, measurement, state, path)
         self._warn_if_skipped(measurement, path)
         return loss
@@ -292,31 +295,23 @@ class _KalmanOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         return F.Blocks(params, grads, lrs, decays)
 
-    def _path(self, blocks: F.Blocks) -> tuple[Path, cuda_kernels.Layout | None]:
-        """ "single" (the reference loop), "foreach" (torch multi-tensor kernels), "fused" (CPU kernels) or "triton"
-        (CUDA kernels, with the step's layout)."""
-        foreach = self.param_groups[0]["foreach"]
-        if foreach is False:
-            return "single", None
-        filter_device = self.state[blocks.params[0]][COVARIANCE].device
-        if cuda_kernels.ENABLED:
-            # Every tensor on the filter's CUDA device (checked by the plan) also settles foreach=None.
-            layout = cuda_kernels.plan(blocks, filter_device, self._workspace, *self._kernel_state(blocks))
-            if layout is not None:
-                self._workspace = layout.workspace
-                return "triton", layout
-        if foreach is None:
-            # Like torch: the multi-tensor path on devices with native foreach kernels. Also on the CPU, where ours
-            # runs fused kernels, measured 2.0-5.8x faster than the loop (bench/optimizer_step.py).
-            foreach = all(p.device.type in ("cpu", "cuda", "xpu") for p in blocks.params)
-            if not foreach:
-                return "single", None
-        kernel_state = (t for kind in self._kernel_state(blocks) for t in kind)
-        if filter_device.type == "cpu" and cpu_kernels.eligible(
-            [*blocks.params, *(g for g in blocks.grads if g is not None), *kernel_state]
-        ):
-            return "fused", None
-        return "foreach", None
+    def _path(self, blocks: F.Blocks) -> F.HostPath | F.KernelPlan:
+        """This step's path (`koala.functional.select_path`), from the first group's `foreach` and `fused`. With the
+        defaults: the fused kernels where they apply, measured 2.0-5.8x faster than the loop on the CPU
+        (bench/optimizer_step.py); `torch._foreach_*` elsewhere on CPU, CUDA and XPU; the loop on other devices."""
+        group = self.param_groups[0]
+        path = F.select_path(
+            blocks,
+            self.state[blocks.params[0]][COVARIANCE].device,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            kernel_state=lambda: self._kernel_state(blocks),
+            workspace=self._workspace,
+            device_kernels=self._DEVICE_KERNELS,
+        )
+        if isinstance(path, F.KernelPlan):
+            self._workspace = path.layout.workspace
+        return path
 
     def _kernel_state(self, blocks: F.Blocks) -> tuple[list[Tensor], ...]:
         """Per-parameter state tensors the fused kernels read and write, one list per kind."""
@@ -328,12 +323,12 @@ class _KalmanOptimizer(torch.optim.Optimizer):
     def _init_state(self, blocks: F.Blocks) -> None:
         raise NotImplementedError
 
-    def _filter_step(self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any], path: Path) -> None:
+    def _filter_step(
+        self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any], path: F.HostPath
+    ) -> None:
         raise NotImplementedError
 
-    def _triton_step(
-        self, blocks: F.Blocks, layout: cuda_kernels.Layout, moments: Tensor, state: dict[str, Any]
-    ) -> None:
+    def _kernel_step(self, blocks: F.Blocks, plan: F.KernelPlan, moments: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def _noise_decay(self) -> float | None:
@@ -344,10 +339,10 @@ class _KalmanOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["train_mode"] = train
 
-    def _warn_if_skipped(self, measurement: F.Measurement, path: Path) -> None:
+    def _warn_if_skipped(self, measurement: F.Measurement, path: F.HostPath) -> None:
         # Only where reading the flag is free: on the CPU outside compilation. Elsewhere the skip is silent, so that
         # step() never waits for the device; `state[step]` counts the accepted steps either way.
-        if path == "fused":
+        if path.xp is np:
             finite = bool(measurement.finite(np))
         elif measurement.loss.device.type == "cpu" and not torch.compiler.is_compiling():
             finite = bool(measurement.finite(torch))
@@ -382,19 +377,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _read(state: dict[str, Any], key: str, path: Path) -> F.Array:
-    """A filter quantity in the path's namespace (a zero-copy NumPy view on the fused CPU path)."""
-    value = state[key]
-    return value.numpy() if path == "fused" else value
-
-
-def _write(state: dict[str, Any], key: str, value: F.Array) -> None:
-    """Store a filter quantity as the float64 tensor the state dict carries."""
-    state[key] = value if isinstance(value, Tensor) else torch.from_numpy(np.array(value, dtype=np.float64))
-
-
-def _namespace(path: Path) -> F.Namespace:
-    return np if path == "fused" else torch
+def _replica_mean(value: F.Array, xp: F.Namespace) -> F.Array:
+    """`value` (0-d, a tensor or a NumPy value) averaged over the DDP replicas, in the namespace `xp`."""
+    reduced = torch.as_tensor(value).clone()
+    dist.all_reduce(reduced)
+    reduced = reduced / dist.get_world_size()
+    return reduced.numpy() if xp is np else reduced
 
 
 class KoalaV(_KalmanOptimizer):
@@ -438,7 +426,11 @@ class KoalaV(_KalmanOptimizer):
         measurement_noise: a fixed R > 0, or None (default) for the adaptive estimate.
         noise_decay: EMA coefficient beta_R of the adaptive R (default 0.9).
         weight_decay: lam, coupled L2 (default 0).
-        foreach: multi-tensor path (True), the single-tensor loop (False), or None to choose by device.
+        foreach: the multi-tensor path (True), the single-tensor loop (False), or None to choose by device.
+        fused: how the multi-tensor path runs: its fused kernels, Numba on the CPU and Triton on CUDA (True, also
+            with foreach=False; a RuntimeError where they do not apply to the tensors), `torch._foreach_*` (False),
+            or None (default) for the kernels where they apply, unless KOALA_CPU_KERNELS=0 / KOALA_CUDA_KERNELS=0,
+            and `torch._foreach_*` elsewhere.
     """
 
     _variant = "KOALA-V"
@@ -455,6 +447,7 @@ class KoalaV(_KalmanOptimizer):
         noise_decay: float = 0.9,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         _check_number("initial_covariance", initial_covariance, low=0.0, low_open=True)
         _check_number("process_noise", process_noise, low=0.0)
@@ -464,6 +457,7 @@ class KoalaV(_KalmanOptimizer):
             measurement_noise=measurement_noise,
             noise_decay=noise_decay,
             foreach=foreach,
+            fused=fused,
         )
         self.initial_covariance = initial_covariance
         self.process_noise = process_noise
@@ -476,27 +470,22 @@ class KoalaV(_KalmanOptimizer):
         state[COVARIANCE] = self._filter_tensor(self.initial_covariance + self.process_noise, first)
         state[MEASUREMENT_NOISE] = self._filter_tensor(self.measurement_noise or 1.0, first)
 
-    def _filter_step(self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any], path: Path) -> None:
-        xp = _namespace(path)
-        prior = _read(state, COVARIANCE, path)
-        g = F.gains(measurement, prior, _read(state, MEASUREMENT_NOISE, path), self._noise_decay(), xp)
-        coefficients = prior * g.scaled_gaps
-        if path == "fused":
-            F.apply_vanilla_fused_cpu(blocks, coefficients, bool(g.finite))
-        elif path == "foreach":
-            F.apply_vanilla_multi_tensor(blocks, coefficients, g.finite)
-        else:
-            F.apply_vanilla_single_tensor(blocks, coefficients, g.finite)
-        next_prior = g.rho * prior + self.process_noise
-        _write(state, COVARIANCE, xp.where(g.take, next_prior, prior))
-        _write(state, MEASUREMENT_NOISE, g.noise)
-        _write(state, STEP, _read(state, STEP, path) + g.take)
-
-    def _triton_step(
-        self, blocks: F.Blocks, layout: cuda_kernels.Layout, moments: Tensor, state: dict[str, Any]
+    def _filter_step(
+        self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any], path: F.HostPath
     ) -> None:
-        stats = cuda_kernels.block_stats(blocks, layout)
-        cuda_kernels.vanilla_step(blocks, layout, stats, moments, state, self._noise_decay(), self.process_noise)
+        xp = path.xp
+        prior = path.read(state, COVARIANCE)
+        g = F.gains(measurement, prior, path.read(state, MEASUREMENT_NOISE), self._noise_decay(), xp)
+        path.apply_vanilla(blocks, prior * g.scaled_gaps, g.finite)
+        next_prior = g.rho * prior + self.process_noise
+        F.write_state(state, COVARIANCE, xp.where(g.take, next_prior, prior))
+        F.write_state(state, MEASUREMENT_NOISE, g.noise)
+        F.write_state(state, STEP, path.read(state, STEP) + g.take)
+
+    def _kernel_step(self, blocks: F.Blocks, plan: F.KernelPlan, moments: Tensor, state: dict[str, Any]) -> None:
+        kernels, layout = plan.path, plan.layout
+        stats = kernels.block_stats(blocks, layout)
+        kernels.vanilla_step(blocks, layout, stats, moments, state, self._noise_decay(), self.process_noise)
 
     def __repr__(self) -> str:
         extra = (
@@ -547,7 +536,11 @@ class KoalaM(_KalmanOptimizer):
         measurement_noise: a fixed R > 0, or None (default) for the adaptive estimate.
         noise_decay: EMA coefficient beta_R of the adaptive R (default 0.9).
         weight_decay: lam, coupled L2 (default 0).
-        foreach: multi-tensor path (True), the single-tensor loop (False), or None to choose by device.
+        foreach: the multi-tensor path (True), the single-tensor loop (False), or None to choose by device.
+        fused: how the multi-tensor path runs: its fused kernels, Numba on the CPU and Triton on CUDA (True, also
+            with foreach=False; a RuntimeError where they do not apply to the tensors), `torch._foreach_*` (False),
+            or None (default) for the kernels where they apply, unless KOALA_CPU_KERNELS=0 / KOALA_CUDA_KERNELS=0,
+            and `torch._foreach_*` elsewhere.
     """
 
     _variant = "KOALA-M"
@@ -572,6 +565,7 @@ class KoalaM(_KalmanOptimizer):
         noise_decay: float = 0.9,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         _check_number("momentum", momentum, low=0.0, high=1.0)
         _check(
@@ -593,6 +587,7 @@ class KoalaM(_KalmanOptimizer):
             measurement_noise=measurement_noise,
             noise_decay=noise_decay,
             foreach=foreach,
+            fused=fused,
         )
         self.momentum = momentum
         self.initial_covariance = (float(sxx), float(sxp), float(spp))
@@ -628,26 +623,20 @@ class KoalaM(_KalmanOptimizer):
     def _predict(
         self, posterior: F.Array, process_noise: F.Array, drift_sq: F.Array, blocks: F.Blocks, xp: F.Namespace
     ) -> tuple[F.Array, F.Array]:
-        """P^ = F P F^T + diag(qx, q_p) after the qx EMA of the drift |x - x_avg|_2 / n (51', 52', 55)."""
-        if _distributed():
-            reduced = torch.as_tensor(drift_sq).clone()
-            dist.all_reduce(reduced)
-            drift_sq = reduced / dist.get_world_size()
-            drift_sq = drift_sq.numpy() if xp is np else drift_sq
+        """predict_{k+1} of the covariance (`koala.functional.momentum_prior`), the drift averaged over replicas."""
         numel = sum(p.numel() for p in blocks.params)
-        qx = F.AVERAGE_DECAY * process_noise + (1 - F.AVERAGE_DECAY) * xp.sqrt(drift_sq) / numel
-        kappa = self.momentum
-        sxx, sxp, spp = posterior[0, 0], posterior[0, 1], posterior[1, 1]
-        pxx = sxx + 2 * sxp + spp + qx
-        pxp = kappa * (sxp + spp)
-        ppp = kappa * kappa * spp + self.velocity_process_noise
-        prior = xp.stack((xp.stack((pxx, pxp)), xp.stack((pxp, ppp))))
-        return prior, qx
+        if _distributed():
+            drift_sq = _replica_mean(drift_sq, xp)
+        return F.momentum_prior(
+            posterior, process_noise, drift_sq, numel, self.momentum, self.velocity_process_noise, xp
+        )
 
-    def _filter_step(self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any], path: Path) -> None:
-        xp = _namespace(path)
-        prior = _read(state, COVARIANCE, path)
-        g = F.gains(measurement, prior[0, 0], _read(state, MEASUREMENT_NOISE, path), self._noise_decay(), xp)
+    def _filter_step(
+        self, blocks: F.Blocks, measurement: F.Measurement, state: dict[str, Any], path: F.HostPath
+    ) -> None:
+        xp = path.xp
+        prior = path.read(state, COVARIANCE)
+        g = F.gains(measurement, prior[0, 0], path.read(state, MEASUREMENT_NOISE), self._noise_decay(), xp)
         take = F.to_float(g.take, prior)
         coefficients = F.MomentumCoefficients(
             weight_gains=prior[0, 0] * g.scaled_gaps,
@@ -658,39 +647,29 @@ class KoalaM(_KalmanOptimizer):
             finite=g.finite,
         )
         velocities, averages = self._all_state(blocks)
-        drift_sq: F.Array
-        if path == "fused":
-            drift_sq = F.apply_momentum_fused_cpu(blocks, velocities, averages, coefficients)
-        elif path == "foreach":
-            drift_sq = F.apply_momentum_multi_tensor(blocks, velocities, averages, coefficients)
-        else:
-            drift_sq = F.apply_momentum_single_tensor(blocks, velocities, averages, coefficients)
-        # P_k = P^ - h~ c c^T with c = P^[:, 1]: rho = 1 - h~ P^[1,1] scales the first row and column
-        # (docs/method.md "KOALA-M").
-        sxx, sxp, spp = prior[0, 0], prior[0, 1], prior[1, 1]
-        posterior = xp.stack((xp.stack((g.rho * sxx, g.rho * sxp)), xp.stack((g.rho * sxp, spp - g.h * sxp * sxp))))
-        process_noise = _read(state, PROCESS_NOISE, path)
+        drift_sq = path.apply_momentum(blocks, velocities, averages, coefficients)
+        posterior = F.momentum_posterior(prior, g, xp)
+        process_noise = path.read(state, PROCESS_NOISE)
         next_prior, next_qx = self._predict(posterior, process_noise, drift_sq, blocks, xp)
-        _write(state, COVARIANCE, xp.where(g.take, next_prior, prior))
-        _write(state, PROCESS_NOISE, xp.where(g.take, next_qx, process_noise))
-        _write(state, MEASUREMENT_NOISE, g.noise)
-        _write(state, STEP, _read(state, STEP, path) + take)
+        F.write_state(state, COVARIANCE, xp.where(g.take, next_prior, prior))
+        F.write_state(state, PROCESS_NOISE, xp.where(g.take, next_qx, process_noise))
+        F.write_state(state, MEASUREMENT_NOISE, g.noise)
+        F.write_state(state, STEP, path.read(state, STEP) + take)
 
     def _kernel_state(self, blocks: F.Blocks) -> tuple[list[Tensor], ...]:
         return self._all_state(blocks)
 
-    def _triton_step(
-        self, blocks: F.Blocks, layout: cuda_kernels.Layout, moments: Tensor, state: dict[str, Any]
-    ) -> None:
-        stats = cuda_kernels.block_stats(blocks, layout)
-        drift_sq, scratch = cuda_kernels.momentum_update(
+    def _kernel_step(self, blocks: F.Blocks, plan: F.KernelPlan, moments: Tensor, state: dict[str, Any]) -> None:
+        kernels, layout = plan.path, plan.layout
+        stats = kernels.block_stats(blocks, layout)
+        drift_sq, scratch = kernels.momentum_update(
             blocks, layout, stats, moments, state, self._noise_decay(), self.momentum
         )
         if _distributed():
             dist.all_reduce(drift_sq)
             drift_sq = drift_sq / dist.get_world_size()
         numel = layout.workspace.numel
-        cuda_kernels.momentum_predict(drift_sq, scratch, state, numel, self.momentum, self.velocity_process_noise)
+        kernels.momentum_predict(drift_sq, scratch, state, numel, self.momentum, self.velocity_process_noise)
 
     @torch.no_grad()
     def _switch(self, *, train: bool) -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from koala import KoalaM, KoalaV, cpu_kernels, cuda_kernels
+from koala import KoalaM, KoalaV, cuda_kernels
 from koala import functional as F
 
 OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
@@ -36,33 +36,28 @@ def trajectory(factory: Any, device: str, dtype: torch.dtype, kernels: bool, wei
     frozen = nn.Parameter(torch.randn(5, dtype=dtype, device=device))
     extra = nn.Parameter(torch.randn(3, 3, dtype=dtype, device=device))
     groups = [{"params": [big, small, frozen]}, {"params": [extra], "lr": 0.5, "weight_decay": weight_decay}]
-    opt = factory(groups, foreach=kernels or None)
+    opt = factory(groups, fused=True) if kernels else factory(groups, foreach=True, fused=False)
     gen = torch.Generator().manual_seed(5)
     data = torch.randn(32, 600, generator=gen, dtype=dtype).to(device)
-    saved = cuda_kernels.ENABLED, cpu_kernels.ENABLED
-    cuda_kernels.ENABLED, cpu_kernels.ENABLED = kernels, False
-    try:
-        for k in range(12):
-            losses = (data @ big.T).pow(2).mean(1) + (small.sum() - k) ** 2 + extra.pow(2).sum() * (k % 3 != 0)
-            if k == 5:
-                losses = losses * float("nan")
-            if k == 7:
-                opt.param_groups[0]["lr"] = 0.7
-            opt.zero_grad()
-            losses.mean().backward()
-            frozen.grad = None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # the NaN step's skip warning, where it is issued
-                opt.step(loss=losses.detach())
-            assert opt._path(opt._blocks())[0] == ("triton" if kernels else "foreach")
-    finally:
-        cuda_kernels.ENABLED, cpu_kernels.ENABLED = saved
+    for k in range(12):
+        losses = (data @ big.T).pow(2).mean(1) + (small.sum() - k) ** 2 + extra.pow(2).sum() * (k % 3 != 0)
+        if k == 5:
+            losses = losses * float("nan")
+        if k == 7:
+            opt.param_groups[0]["lr"] = 0.7
+        opt.zero_grad()
+        losses.mean().backward()
+        frozen.grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the NaN step's skip warning, where it is issued
+            opt.step(loss=losses.detach())
+        assert opt._path(opt._blocks()).name == ("triton" if kernels else "foreach")
     opt.eval()
     return [p.detach().cpu() for p in (big, small, frozen, extra)], copy.deepcopy(opt.state_dict()["state"])
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not cuda_kernels.ENABLED, reason="needs Triton")
+@pytest.mark.skipif(not cuda_kernels.AVAILABLE, reason="needs Triton")
 @pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a CUDA device or the interpreter")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
@@ -91,7 +86,7 @@ def test_kernels_in_the_interpreter() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not cuda_kernels.ENABLED, reason="needs Triton")
+@pytest.mark.skipif(not cuda_kernels.AVAILABLE, reason="needs Triton")
 @pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a CUDA device or the interpreter")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(), (1,), (7,), (128,), (3, 700), (5000,)])

@@ -112,15 +112,18 @@ def run(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0
     return [float(train_step(model, opt, k).mean()) for k in range(start, start + steps)]
 
 
-PATHS = ["single", "foreach", "fused"]
+#: The constructor arguments that choose each path on the CPU: the loop, `torch._foreach_*`, the fused CPU kernels.
+PATH_OPTIONS: dict[str, dict[str, Any]] = {
+    "single": {"foreach": False},
+    "foreach": {"foreach": True, "fused": False},
+    "fused": {"fused": True},
+}
+PATHS = list(PATH_OPTIONS)
 
 
-def build(params: Any, path: str, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> KoalaDiag:
-    """KoalaDiag on one path: the loop, `torch._foreach_*` (CPU kernels off), or the fused CPU kernels."""
-    if path == "foreach":
-        monkeypatch.setattr(diag_cpu_kernels, "eligible", lambda tensors: False)
-    opt = KoalaDiag(params, foreach=path != "single", **kwargs)
-    return opt
+def build(params: Any, path: str, **kwargs: Any) -> KoalaDiag:
+    """KoalaDiag on one path."""
+    return KoalaDiag(params, **PATH_OPTIONS[path], **kwargs)
 
 
 # ---- against the reference ------------------------------------------------------------------------------------------
@@ -136,10 +139,10 @@ def test_matches_the_float64_reference(path: str, monkeypatch: pytest.MonkeyPatc
         {"params": params[:2], "lr": 1.0, "weight_decay": 1e-3},
         {"params": params[2:], "lr": 0.7, "weight_decay": 0.0},
     ]
-    opt = build(groups, path, monkeypatch)
+    opt = build(groups, path)
     calls: list[int] = []
     update = diag_cpu_kernels.update
-    monkeypatch.setattr(diag_cpu_kernels, "update", lambda *args: calls.append(1) or update(*args))
+    monkeypatch.setattr(diag_cpu_kernels, "update", lambda *args: calls.append(1) or update(*args))  # a spy
     reference = ReferenceKoalaDiag(params)
     for k in range(STEPS):
         if k == LR_CHANGE_AT:
@@ -162,16 +165,16 @@ def test_matches_the_float64_reference(path: str, monkeypatch: pytest.MonkeyPatc
     for p, v in zip(params, reference.v, strict=True):
         torch.testing.assert_close(opt.state[p]["second_moment"], v, rtol=1e-10, atol=1e-16)
     assert bool(calls) == (path == "fused")  # each path ran as named
+    assert opt._path(opt._blocks()).name == path
 
 
 @pytest.mark.parametrize("path", ["foreach", "fused"])
-def test_float32_paths_match_the_loop(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_float32_paths_match_the_loop(path: str) -> None:
     trajectories = []
     for which in ("single", path):
         model = make_model(torch.float32)
-        with monkeypatch.context() as patch:
-            opt = build(model.parameters(), which, patch, weight_decay=1e-3)
-            run(model, opt, 20)
+        opt = build(model.parameters(), which, weight_decay=1e-3)
+        run(model, opt, 20)
         trajectories.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*trajectories, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -254,9 +257,9 @@ def test_closure_returns_the_loss() -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bad", ["loss", "gradient"])
-def test_non_finite_values_skip_the_step(path: str, bad: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_values_skip_the_step(path: str, bad: str) -> None:
     model = make_model()
-    opt = build(model.parameters(), path, monkeypatch)
+    opt = build(model.parameters(), path)
     run(model, opt, 3)
     before = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
@@ -303,6 +306,10 @@ def test_errors() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             KoalaDiag(params, **kwargs)
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        KoalaDiag(params, fused=True, foreach=True)
+    with pytest.raises(RuntimeError, match=r"take float32/float64 CPU tensors, got a torch\.float32 parameter on meta"):
+        KoalaDiag([nn.Parameter(torch.ones(2, device="meta"))], fused=True)  # (no CUDA kernel: the CPU ones only)
     opt = KoalaDiag(params)
     with pytest.raises(TypeError, match="neither"):
         opt.step()

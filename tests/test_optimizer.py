@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 import re
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,11 +20,23 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from koala import KoalaM, KoalaV, cpu_kernels
+from koala import KoalaM, KoalaV
+from koala import functional as F
 
 OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
 DTYPES = [torch.float32, torch.float64]
 Factory = Callable[..., torch.optim.Optimizer]
+#: The constructor arguments that choose each CPU path: the loop, `torch._foreach_*`, the fused Numba kernels.
+PATHS: dict[str, dict[str, Any]] = {
+    "single": {"foreach": False},
+    "foreach": {"foreach": True, "fused": False},
+    "fused": {"fused": True},
+}
+
+
+def path_name(opt: Any) -> str:
+    """The path the optimizer's next step takes (its parameters must have gradients)."""
+    return str(opt._path(opt._blocks()).name)
 
 
 def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -76,18 +91,17 @@ def test_loss_decreases(factory: Factory, dtype: torch.dtype, foreach: bool) -> 
 
 @parametrize_opt
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_foreach_matches_for_loop(factory: Factory, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_foreach_matches_for_loop(factory: Factory, dtype: torch.dtype) -> None:
     """Params and state agree between the loop, the foreach kernels and the fused CPU kernels (parallel and serial
     sizes, several groups, a block with zero gradient on some steps)."""
     results = []
-    for foreach, fused in ((False, False), (True, False), (True, True)):
-        monkeypatch.setattr(cpu_kernels, "ENABLED", fused)
+    for path, options in PATHS.items():
         torch.manual_seed(3)
         # 419,899 elements: the parallel CPU kernels, over 26 chunks, the last one ending in a partial lane group.
         big = nn.Parameter(torch.randn(701, 599, dtype=dtype) * 0.01)
         small = nn.Parameter(torch.randn(7, dtype=dtype))
         extra = nn.Parameter(torch.randn(3, 3, dtype=dtype))
-        opt = factory([{"params": [big, small]}, {"params": [extra], "lr": 0.5, "weight_decay": 1e-3}], foreach=foreach)
+        opt = factory([{"params": [big, small]}, {"params": [extra], "lr": 0.5, "weight_decay": 1e-3}], **options)
         gen = torch.Generator().manual_seed(5)
         data = torch.randn(32, 599, generator=gen, dtype=dtype)
         for k in range(12):
@@ -95,6 +109,7 @@ def test_foreach_matches_for_loop(factory: Factory, dtype: torch.dtype, monkeypa
             opt.zero_grad()
             losses.mean().backward()
             opt.step(loss=losses.detach())
+            assert path_name(opt) == path
         results.append(([p.detach().clone() for p in (big, small, extra)], copy.deepcopy(opt.state_dict()["state"])))
     (params_loop, state_loop), *others = results
     tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-13}
@@ -300,6 +315,13 @@ def _in_eval_mode(opt: torch.optim.Optimizer) -> None:
     opt.step(loss=torch.ones(2))
 
 
+def _with_gradients(opt: torch.optim.Optimizer) -> None:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)  # (with the parameter's strides)
+    opt.step(loss=torch.ones(2))
+
+
 @dataclass(frozen=True)
 class ErrorInput:
     """One erroring input: what to build (and, for a step error, how to step), what must be raised (a warning
@@ -380,6 +402,28 @@ KOALA_ERROR_INPUTS = [
     ),
     ErrorInput("negative weight_decay", ValueError, r"Invalid weight_decay: -1", {"weight_decay": -1}),
     ErrorInput("foreach not a bool", ValueError, r"Invalid foreach", {"foreach": "yes"}),
+    ErrorInput("fused not a bool", ValueError, r"Invalid fused: 1 \(expected None or bool\)", {"fused": 1}),
+    ErrorInput(
+        "fused and foreach both True",
+        RuntimeError,
+        "`fused` and `foreach` cannot be `True` together",
+        {"fused": True, "foreach": True},
+    ),
+    ErrorInput(
+        "fused with bfloat16 CPU parameters",
+        RuntimeError,
+        r"fused=True: the fused kernels take float32/float64 CPU tensors.*got a torch\.bfloat16 parameter on cpu",
+        {"fused": True},
+        params=lambda: [nn.Parameter(torch.randn(3, dtype=torch.bfloat16))],
+    ),
+    ErrorInput(
+        "fused with non-contiguous parameters",
+        RuntimeError,
+        r"fused=True, but the fused kernels do not apply to these tensors.*pass fused=None",
+        {"fused": True},
+        params=lambda: [nn.Parameter(torch.randn(4, 3).t())],
+        step=_with_gradients,
+    ),
     ErrorInput("empty parameter list", ValueError, "optimizer got an empty parameter list", params=list),
     ErrorInput("integer parameters", ValueError, "floating-point", params=lambda: [torch.zeros(3, dtype=torch.int64)]),
     ErrorInput(
@@ -514,6 +558,98 @@ def test_rejected_param_group_is_not_added(factory: Factory) -> None:
         opt.add_param_group({"params": [torch.zeros(3, dtype=torch.int64)]})
     assert len(opt.param_groups) == 1
     run(model, opt, 1)
+    model = make_model()
+    opt = factory(model[0].parameters(), fused=True)
+    with pytest.raises(RuntimeError, match="fused=True: the fused kernels take"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(3, dtype=torch.float16))]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": model[2].parameters()})
+    run(model, opt, 1)
+    assert path_name(opt) == "fused"
+
+
+# ---- choosing the path: the constructor's foreach and fused -------------------------------------------------------
+
+
+@parametrize_opt
+@pytest.mark.parametrize(
+    ("options", "dtype", "expected"),
+    [
+        ({}, torch.float32, "fused"),
+        ({"foreach": True}, torch.float32, "fused"),
+        ({"foreach": False}, torch.float32, "single"),
+        ({"fused": True}, torch.float64, "fused"),
+        ({"fused": True, "foreach": False}, torch.float32, "fused"),
+        ({"fused": False}, torch.float32, "foreach"),
+        ({"fused": False, "foreach": True}, torch.float32, "foreach"),
+        ({"fused": False, "foreach": False}, torch.float32, "single"),
+        ({}, torch.bfloat16, "foreach"),  # no kernel takes bfloat16 on the CPU: fused=None falls back
+        ({"foreach": False}, torch.bfloat16, "single"),
+    ],
+)
+def test_constructor_chooses_the_path(
+    factory: Factory, options: dict[str, Any], dtype: torch.dtype, expected: str
+) -> None:
+    """`foreach` and `fused` as in torch's optimizers: fused=None (the default) runs the fused kernels where they
+    apply unless foreach=False; fused=False keeps to `torch._foreach_*` or the loop; fused=True the kernels."""
+    if expected == "fused" and options.get("fused") is None and not F.FUSED_BY_DEFAULT["cpu"]:
+        expected = "foreach"  # (KOALA_CPU_KERNELS=0 in this environment: test_environment_switch_is_only_the_default)
+    model = make_model(dtype)
+    opt = factory(model.parameters(), **options)
+    run(model, opt, 2)
+    assert path_name(opt) == expected
+    assert opt.param_groups[0]["fused"] is options.get("fused")
+
+
+def test_environment_switch_is_only_the_default() -> None:
+    """KOALA_CPU_KERNELS=0 makes fused=None take `torch._foreach_*` (and `warm_up` load nothing); fused=True still
+    runs the kernels."""
+    script = """
+import torch
+from koala import KoalaM, KoalaV, cpu_kernels
+cpu_kernels.warm_up()
+print(cpu_kernels._pool_started)
+for factory in (KoalaV, KoalaM):
+    for options in ({}, {"fused": True}):
+        model = torch.nn.Linear(5, 3)
+        opt = factory(model.parameters(), **options)
+        for _ in range(2):
+            losses = model(torch.randn(8, 5)).square().mean(1)
+            opt.zero_grad()
+            losses.mean().backward()
+            opt.step(loss=losses.detach())
+        print(opt._path(opt._blocks()).name)
+"""
+    env = {**os.environ, "KOALA_CPU_KERNELS": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "foreach", "fused", "foreach", "fused"]
+
+
+@pytest.mark.slow
+@parametrize_opt
+def test_fused_under_torch_compile_takes_torch_ops(factory: Factory) -> None:
+    """The compiler traces torch operations: a compiled step with fused=True runs `torch._foreach_*`, and steps like
+    an eager one with fused=False."""
+    trajectories = []
+    for fused, compiled in ((False, False), (True, True)):
+        torch._dynamo.reset()
+        model = make_model()
+        opt = factory(model.parameters(), weight_decay=1e-3, fused=fused)
+
+        def step(losses: torch.Tensor, opt: torch.optim.Optimizer = opt) -> None:
+            opt.step(loss=losses)
+
+        run_step = torch.compile(step, backend="eager") if compiled else step
+        for k in range(4):
+            x, y = batch(k)
+            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+            opt.zero_grad()
+            losses.mean().backward()
+            run_step(losses.detach())
+        trajectories.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*trajectories, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @parametrize_opt
@@ -723,6 +859,22 @@ def test_copy_steps_like_the_original(factory: Factory, copier: Callable[[Any], 
 
 
 @parametrize_opt
+def test_copy_of_an_optimizer_pickled_without_fused(factory: Factory) -> None:
+    """An optimizer pickled by a version without the `fused` option (in neither its defaults nor its groups) gets
+    fused=None on loading, as torch's optimizers default the options they add, and steps like the original."""
+    model, reference_model = make_model(), make_model()
+    opt, reference = factory(model.parameters()), factory(reference_model.parameters())
+    assert run(model, opt, 2) == run(reference_model, reference, 2)
+    del opt.defaults["fused"]
+    for group in opt.param_groups:
+        del group["fused"]
+    model_copy, opt_copy = _pickled((model, opt))
+    assert opt_copy.defaults["fused"] is None
+    assert [group["fused"] for group in opt_copy.param_groups] == [None]
+    assert run(model_copy, opt_copy, 2, start=2) == run(reference_model, reference, 2, start=2)
+
+
+@parametrize_opt
 @pytest.mark.parametrize("result", [1, 0.5, np.float64(0.5)], ids=["int", "float", "np64"])
 def test_step_hooks_run_in_order_with_a_number_closure(factory: Factory, result: Any) -> None:
     """torch's global and per-optimizer step pre/post hooks run around a KOALA step whose closure returns a number
@@ -857,7 +1009,7 @@ def test_add_param_group_after_a_never_stepped_load(factory: Factory, action: Ca
 @parametrize_opt
 def test_state_dict_format_is_torchs(factory: Factory) -> None:
     """The state dict keeps the layout earlier versions saved (so their checkpoints load): torch's two entries, the
-    groups' lr, weight_decay, foreach and train_mode, the filter under parameter 0. The filter's other
+    groups' lr, weight_decay, foreach, fused and train_mode, the filter under parameter 0. The filter's other
     hyperparameters are not in it."""
     model = make_model()
     opt = factory(model.parameters())
@@ -865,7 +1017,7 @@ def test_state_dict_format_is_torchs(factory: Factory) -> None:
     state_dict = opt.state_dict()
     assert state_dict.keys() == {"state", "param_groups"}
     assert [set(group) for group in state_dict["param_groups"]] == [
-        {"params", "lr", "weight_decay", "foreach", "train_mode"}
+        {"params", "lr", "weight_decay", "foreach", "fused", "train_mode"}
     ]
     per_parameter = {"velocity", "weight_average"} if factory is KoalaM else set()
     filter_keys = {"step", "covariance", "measurement_noise"} | ({"process_noise"} if factory is KoalaM else set())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from koala import KoalaM, KoalaV, cpu_kernels
+from koala import KoalaM, KoalaV
 
 STEPS = 60
 LR_CHANGE_AT = 30
@@ -156,9 +156,11 @@ def _losses_and_grads(fn: LossFn, weights: list[Tensor], k: int) -> tuple[Tensor
     return losses.detach(), list(grads)
 
 
-@pytest.mark.parametrize(
-    ("foreach", "fused_cpu"), [(False, False), (True, False), (True, True)], ids=["single-tensor", "foreach", "fused"]
-)
+# The constructor arguments that choose each path on the CPU.
+PATHS = {"single": {"foreach": False}, "foreach": {"foreach": True, "fused": False}, "fused": {"fused": True}}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant", ["V", "M"])
 @pytest.mark.parametrize(
     ("problem", "weight_decay"), [(linear_regression, 0.0), (mlp_with_intermittent_head, 5e-3)], ids=["linreg", "mlp"]
@@ -167,16 +169,13 @@ def test_matches_reference_step_by_step(
     problem: Callable[[], tuple[list[Tensor], LossFn]],
     weight_decay: float,
     variant: str,
-    foreach: bool,
-    fused_cpu: bool,
-    monkeypatch: pytest.MonkeyPatch,
+    path: str,
 ) -> None:
     """All three implementations: the loop, foreach kernels, and the fused CPU kernels of the multi-tensor path."""
-    monkeypatch.setattr(cpu_kernels, "ENABLED", fused_cpu)
     initial, loss_fn = problem()
     reference = (ReferenceKoalaV if variant == "V" else ReferenceKoalaM)(initial, weight_decay)
     params = [torch.nn.Parameter(w.clone()) for w in initial]
-    opt = (KoalaV if variant == "V" else KoalaM)(params, weight_decay=weight_decay, foreach=foreach)
+    opt = (KoalaV if variant == "V" else KoalaM)(params, weight_decay=weight_decay, **PATHS[path])
     saw_missing_grad = False
     for k in range(STEPS):
         lr = 1.0 if k < LR_CHANGE_AT else 0.4
@@ -218,5 +217,6 @@ def test_matches_reference_step_by_step(
             assert isinstance(reference, ReferenceKoalaV)
             torch.testing.assert_close(float(state["covariance"]), reference.s + reference.q, rtol=1e-11, atol=0)
     assert float(opt.state[params[0]]["step"]) == STEPS
+    assert opt._path(opt._blocks()).name == path  # each path ran as named
     if problem is mlp_with_intermittent_head:
         assert saw_missing_grad

@@ -7,8 +7,7 @@ KOALA needs its loss at every step, like an optimizer with `step_requires_closur
 a backward, these call `step(closure)` or `step(loss=...)`. The erroring inputs, torch's generic ones included, are
 `test_errors` in test_optimizer.py.
 
-Not restated, because KOALA has no such feature: the `maximize`, `capturable` and `differentiable` flags and every
-test of the `fused` flag (KOALA chooses its fused kernels itself; `test_foreach_matches_for_loop` compares them), sparse
+Not restated, because KOALA has no such feature: the `maximize`, `capturable` and `differentiable` flags, sparse
 gradients and complex parameters (refused with an error). Not here either: the tests that need CUDA or several
 devices (state dicts moved to CUDA, peak memory, large tensors, parameters spread over devices); tests/test_cuda.py
 holds KOALA's CUDA checks.
@@ -29,9 +28,8 @@ from torch.nn import Parameter
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from koala import cpu_kernels
 from koala import functional as F
-from tests.test_optimizer import OPTIMIZERS, Factory
+from tests.test_optimizer import OPTIMIZERS, PATHS, Factory, path_name
 
 Check = Callable[[Factory], None]
 PROPERTIES: dict[str, Check] = {}
@@ -171,13 +169,12 @@ def _derived_run(factory: Factory, dtype: torch.dtype, **kwargs: Any) -> tuple[l
 
 @prop
 def foreach_matches_forloop(factory: Factory) -> None:
-    """test_foreach_matches_forloop (float64): params and every state entry agree between the loop, foreach and the
-    fused CPU kernels, with a 0-d and a zero-element parameter last, a step without gradients and a frozen layer."""
-    reference = _derived_run(factory, torch.float64, foreach=False)
-    for fused in (False, True):
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(cpu_kernels, "ENABLED", fused)
-            torch.testing.assert_close(_derived_run(factory, torch.float64, foreach=True), reference)
+    """test_foreach_matches_forloop and test_fused_matches_forloop (float64): params and every state entry agree
+    between the loop, foreach and the fused CPU kernels, with a 0-d and a zero-element parameter last, a step without
+    gradients and a frozen layer."""
+    reference = _derived_run(factory, torch.float64, **PATHS["single"])
+    for path in ("foreach", "fused"):
+        torch.testing.assert_close(_derived_run(factory, torch.float64, **PATHS[path]), reference)
 
 
 @prop
@@ -326,11 +323,12 @@ def _conv_loss(model: nn.Module, inpt: Tensor) -> Tensor:
 @prop
 def can_load_older_state_dict(factory: Factory) -> None:
     """test_can_load_older_state_dict: param groups saved without the options added after the first release
-    (KOALA: `foreach`, `train_mode`) load and step, exactly as the state dict with them."""
+    (KOALA: `foreach`, `train_mode`, then `fused`) load and step, exactly as the state dict with them; a missing
+    option takes the optimizer's own value."""
     outcomes = []
-    for drop in ((), ("foreach", "train_mode")):
+    for drop in ((), ("fused",), ("foreach", "fused", "train_mode")):
         model, inpt = _conv_model()
-        opt = factory(model.parameters(), foreach=False)
+        opt = factory(model.parameters(), foreach=False, fused=False)
         closure = closure_for(opt, lambda m=model, i=inpt: _conv_loss(m, i).mean())
         for _ in range(3):
             opt.step(closure)
@@ -340,10 +338,12 @@ def can_load_older_state_dict(factory: Factory) -> None:
                 del group[flag]
         opt.load_state_dict(old)
         assert opt.param_groups[0]["foreach"] is False
+        assert opt.param_groups[0]["fused"] is False
         assert opt.param_groups[0]["train_mode"] is True
         opt.step(closure)
         outcomes.append([p.detach().clone() for p in model.parameters()])
     equal(outcomes[0], outcomes[1])
+    equal(outcomes[0], outcomes[2])
 
 
 @prop
@@ -621,19 +621,13 @@ def zero_grad(factory: Factory) -> None:
 def defaults_to_multi_tensor(factory: Factory) -> None:
     """test_defaults_changed_to_foreach, on the CPU: foreach=None takes the multi-tensor path (the fused kernels,
     or torch's foreach ops where they are off), never the single-tensor loop."""
-    for fused in (True, False):
+    for fused in (None, False):
         model = nn.Linear(5, 5)
-        opt = factory(model.parameters())
+        opt = factory(model.parameters(), fused=fused)
         model(torch.rand(2, 5)).square().sum().backward()
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(cpu_kernels, "ENABLED", fused)
-            patch.setattr(F, "measure_single_tensor", _fail)
-            opt.step(lambda: 1.0)
+        opt.step(lambda: 1.0)
         assert float(opt.state[model.weight]["step"]) == 1
-
-
-def _fail(*args: object) -> None:
-    raise AssertionError("the single-tensor loop ran")
+        assert path_name(opt) == ("fused" if fused is None and F.FUSED_BY_DEFAULT["cpu"] else "foreach")
 
 
 @prop
