@@ -33,7 +33,7 @@ from service.auth import Auth, ExposureError, Guard, check_exposure, identify
 from service.dashboard import mount as mount_dashboard
 from service.jobspec import JobSpec, SpecError, type_name
 from service.problems import ProblemError, problem_response
-from service.recorder import job_study_names, storage_for
+from service.recorder import job_study_names, optimizer_names, storage_for
 from service.report import build_report
 from service.scheduler import Scheduler
 from service.settings import Settings
@@ -199,13 +199,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/trials", response_model=list[schemas.Trial], tags=["results"])
     def list_trials(job_id: str, visible: VisibleJob) -> list[schemas.Trial]:
         """Every trial of the job, from its Optuna studies, in start order per optimizer."""
-        return list(_trials(storage, job_id))
+        return list(_trials(storage, job_id, optimizer_names(visible.spec)))
 
     @app.get("/v1/jobs/{job_id}/results", response_model=schemas.Report, tags=["results"])
     def job_results(job_id: str, job: VisibleJob) -> schemas.Report:
         """The comparison report, computed from the studies (so it reflects the job as it is now)."""
         try:
-            return build_report(storage, job_id)
+            return build_report(storage, job_id, optimizer_names(job.spec))
         except LookupError:
             detail = f"job {job_id} has no recorded trials yet (it is {job.state})"
             raise ProblemError(409, "No results yet", detail) from None
@@ -335,8 +335,8 @@ def _event_id(header: str | None) -> int:
 # ---- readers -------------------------------------------------------------------------------------------------------
 
 
-def _trials(storage: optuna.storages.BaseStorage, job_id: str) -> Iterator[schemas.Trial]:
-    for name in job_study_names(storage, job_id):
+def _trials(storage: optuna.storages.BaseStorage, job_id: str, optimizers: list[str]) -> Iterator[schemas.Trial]:
+    for name in job_study_names(storage, job_id, optimizers):
         study = optuna.load_study(study_name=name, storage=storage)
         optimizer = str(study.user_attrs.get("optimizer", name.split("/", 1)[-1]))
         for trial in study.get_trials(deepcopy=False):

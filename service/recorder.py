@@ -6,6 +6,9 @@ final value and state (COMPLETE, PRUNED or FAIL with a reason) and the user attr
 or `eval`), epochs_done, wall_seconds, epoch_seconds, device, node (the Ray node), diverged, reason, hyperparams and,
 for a trial re-run after its driver died, restarts.
 
+A job's studies are found by name from its JobSpec's optimizers (`job_study_names(storage, job_id, optimizers)`), so
+reading a job costs the same however many jobs the database holds.
+
 A Recorder reads and writes through `GuardedStorage`: each call is retried through a busy database, and for a service
 driver each write is preceded by its fence check (is the job still this driver's?).
 """
@@ -13,7 +16,7 @@ driver each write is preceded by its fence check (is the job still this driver's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -360,13 +363,20 @@ class Recorder:
 
     def close_dangling(self, reason: str, state: TrialState = TrialState.FAIL) -> int:
         """Close every trial still RUNNING in this job's studies (after a crash or a stop); returns how many."""
-        return close_running(self.storage, self.job_id, reason, state)
+        return close_running(self.storage, self.job_id, reason, state, [e.name for e in self.spec.optimizers])
 
 
-def close_running(storage: optuna.storages.BaseStorage, job_id: str, reason: str, state: TrialState) -> int:
-    """Close the RUNNING trials of every study of `job_id` with `state` and `reason`."""
+def close_running(
+    storage: optuna.storages.BaseStorage,
+    job_id: str,
+    reason: str,
+    state: TrialState,
+    optimizers: Iterable[str] | None = None,
+) -> int:
+    """Close the RUNNING trials of every study of `job_id` (of those `optimizers`, see job_study_names) with `state`
+    and `reason`."""
     closed = 0
-    for name in job_study_names(storage, job_id):
+    for name in job_study_names(storage, job_id, optimizers):
         study_id = storage.get_study_id_from_name(name)
         for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             storage.set_trial_user_attr(trial._trial_id, "reason", reason)
@@ -375,9 +385,31 @@ def close_running(storage: optuna.storages.BaseStorage, job_id: str, reason: str
     return closed
 
 
-def job_study_names(storage: optuna.storages.BaseStorage, job_id: str) -> list[str]:
-    prefix = f"job-{job_id}/"
-    return sorted(s.study_name for s in storage.get_all_studies() if s.study_name.startswith(prefix))
+def job_study_names(
+    storage: optuna.storages.BaseStorage, job_id: str, optimizers: Iterable[str] | None = None
+) -> list[str]:
+    """The names of the job's studies, sorted. With the JobSpec's `optimizers`, each is looked up by name (a study
+    that does not exist yet is one whose optimizer has not started), at a cost that does not grow with the number of
+    studies in the database; without them every study is listed (for callers that do not know the spec)."""
+    if optimizers is None:
+        prefix = f"job-{job_id}/"
+        return sorted(s.study_name for s in storage.get_all_studies() if s.study_name.startswith(prefix))
+    found = []
+    for name in sorted({study_name(job_id, optimizer) for optimizer in optimizers}):
+        try:
+            storage.get_study_id_from_name(name)
+        except KeyError:
+            continue
+        found.append(name)
+    return found
+
+
+def optimizer_names(spec: Mapping[str, Any]) -> list[str]:
+    """The optimizers a stored JobSpec (as JSON) names, read without validating it (it may no longer parse)."""
+    entries = spec.get("optimizers")
+    if not isinstance(entries, list):
+        return []
+    return [str(e["name"]) for e in entries if isinstance(e, Mapping) and isinstance(e.get("name"), str)]
 
 
 def finished_trials(study: optuna.Study, phase: Phase | None = None) -> Sequence[optuna.trial.FrozenTrial]:

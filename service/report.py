@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import optuna
@@ -23,9 +23,11 @@ from service.schemas import CurvePoint, FailedTrial, HpoCost, OptimizerReport, R
 __all__ = ["Report", "build_report"]
 
 
-def build_report(storage: optuna.storages.BaseStorage, job_id: str) -> Report:
-    """Read every study of `job_id` and compute the report."""
-    studies = [optuna.load_study(study_name=name, storage=storage) for name in job_study_names(storage, job_id)]
+def build_report(storage: optuna.storages.BaseStorage, job_id: str, optimizers: Iterable[str] | None = None) -> Report:
+    """Read every study of `job_id` (those of its JobSpec's `optimizers`, looked up by name, when given; see
+    job_study_names) and compute the report."""
+    names = job_study_names(storage, job_id, optimizers)
+    studies = [optuna.load_study(study_name=name, storage=storage) for name in names]
     if not studies:
         raise LookupError(f"no studies for job {job_id}")
     attrs = studies[0].user_attrs

@@ -35,7 +35,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from service.recorder import close_running
+from service.recorder import close_running, optimizer_names
 from service.settings import Settings
 from service.store import ACTIVE_STATES, JobRow, Store
 
@@ -140,15 +140,16 @@ class Scheduler:
         child = self.children.pop(job.id, None)
         if silent:
             self._kill_silent_driver(job, child)
+        optimizers = optimizer_names(job.spec) or None
         if job.state == "cancelling":
             if self.store.finish(job.id, "cancelled", generation=job.generation):
-                close_running(self.storage, job.id, "cancelled", TrialState.PRUNED)
+                close_running(self.storage, job.id, "cancelled", TrialState.PRUNED, optimizers)
                 self._ended(job.id)
                 log.warning("job %s: driver gone while cancelling; closed as cancelled", job.id)
         elif job.attempts >= self.settings.max_driver_starts:
             reason = f"its driver died {job.attempts} times; giving up"
             if self.store.finish(job.id, "failed", reason, generation=job.generation):
-                closed = close_running(self.storage, job.id, f"job failed: {reason}", TrialState.FAIL)
+                closed = close_running(self.storage, job.id, f"job failed: {reason}", TrialState.FAIL, optimizers)
                 self._ended(job.id)
                 log.error("job %s failed: %s (%d trials closed)", job.id, reason, closed)
         else:

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 
 from service.engine import TrialEvent, run_job
 from service.jobspec import JobSpec, SpecError
-from service.recorder import GuardedStorage, Recorder, close_running, storage_for
+from service.recorder import GuardedStorage, Recorder, close_running, optimizer_names, storage_for
 from service.retry import DatabaseUnavailableError, retry
 from service.scheduler import remove_scratch, scratch_dir
 from service.settings import Settings
@@ -138,7 +138,9 @@ def drive(job_id: str, generation: int, settings: Settings) -> str:
     try:
         spec = JobSpec.parse(job.spec, settings.limits)
     except SpecError as error:  # e.g. an optimizer that is no longer installed: the job cannot be resumed
-        close_running(storage, job_id, "the job spec is no longer valid", TrialState.FAIL)
+        close_running(
+            storage, job_id, "the job spec is no longer valid", TrialState.FAIL, optimizer_names(job.spec) or None
+        )
         lease.finish("failed", f"invalid job spec: {error}")
         _clean_up(settings, job_id)
         return "failed"
@@ -169,7 +171,8 @@ def drive(job_id: str, generation: int, settings: Settings) -> str:
         except WorkloadCheckError as error:
             beating.set()
             ray.shutdown()
-            close_running(storage, job_id, "the uploaded workload cannot run", TrialState.FAIL)
+            optimizers = [entry.name for entry in spec.optimizers]
+            close_running(storage, job_id, "the uploaded workload cannot run", TrialState.FAIL, optimizers)
             lease.finish("failed", str(error))
             _clean_up(settings, job_id)
             return "failed"
