@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Annotated
 
 import optuna
@@ -33,7 +34,8 @@ from service.auth import Auth, ExposureError, Guard, check_exposure, identify
 from service.dashboard import mount as mount_dashboard
 from service.jobspec import JobSpec, SpecError, type_name
 from service.problems import ProblemError, problem_response
-from service.recorder import job_study_names, optimizer_names, storage_for
+from service.ray_head import head_directory, read_state
+from service.recorder import RUN_STARTED_AT, job_study_names, optimizer_names, storage_for
 from service.report import build_report
 from service.scheduler import Scheduler
 from service.settings import Settings
@@ -263,7 +265,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         problem = None
         try:
             store.ping()
-            ray = _ray_status()
+            ray = _ray_status(settings)
             if ray.startswith("unreachable"):
                 problem = f"Ray cluster {ray}"
         except Exception as error:
@@ -361,8 +363,15 @@ def _trial(optimizer: str, trial: FrozenTrial) -> schemas.Trial:
         device=attrs.get("device"),
         node=attrs.get("node"),
         reason=attrs.get("reason"),
+        # When it began running on a Ray worker, else when it was created (it may wait for resources in between).
         # Optuna stores local wall-clock times without a zone.
-        started_at=trial.datetime_start.astimezone() if trial.datetime_start else None,
+        started_at=(
+            datetime.fromisoformat(attrs[RUN_STARTED_AT])
+            if RUN_STARTED_AT in attrs
+            else trial.datetime_start.astimezone()
+            if trial.datetime_start
+            else None
+        ),
         finished_at=trial.datetime_complete.astimezone() if trial.datetime_complete else None,
     )
 
@@ -397,10 +406,15 @@ def _optimizer_info(name: str) -> schemas.OptimizerInfo:
     )
 
 
-def _ray_status() -> str:
+def _ray_status(settings: Settings) -> str:
     address = os.environ.get("RAY_ADDRESS")
-    if not address:
+    if not address and not settings.ray_head:
         return "local (a Ray instance is started per job)"
+    if not address:
+        head = read_state(head_directory(settings.data_dir))
+        if head is not None and head.process_alive():
+            return f"local head at {head.address} (the service's, shared by every job)"
+        return "local head not running (the scheduler starts it; jobs wait until it runs)"
     if address == "auto":
         return "auto"
     host, _, port = address.removeprefix("ray://").rpartition(":")

@@ -11,7 +11,8 @@ running longer than its limit is stopped, its unfinished trials recorded as FAIL
 failed. The limits are the JobSpec's `trial_time_limit_s` and `job_time_limit_s`, capped by the caller's (the
 service's settings). A job in which no trial completed ends failed, saying why its trials failed.
 
-Ray: `RAY_ADDRESS` set means that cluster; unset means a local Ray started for the run and shut down after it.
+Ray: `RAY_ADDRESS` set means that cluster (for a service driver, usually the service's own Ray head, see
+service/ray_head.py); unset means a local Ray started for the run and shut down after it (`koala run`).
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ class JobSearcher(Searcher):
             "gpu": self.spec.resources.gpu,
             "cpu": self.spec.resources.cpu,
         }
+
+    def on_trial_running(self, trial_id: str) -> None:
+        """Tune started the trial on a Ray worker (it holds its resources from now): its `run_started_at`."""
+        opened = self.running.get(trial_id)
+        if opened is not None:
+            Recorder.mark_running(opened)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         opened = self.running.get(trial_id)
@@ -286,6 +293,21 @@ class TuningOnlyASHA(FIFOScheduler):
     def on_trial_remove(self, tune_controller: Any, trial: TuneTrial) -> None:
         if (scheduler := self._for(trial)) is not None:
             scheduler.on_trial_remove(tune_controller, trial)
+
+
+class TrialStarts(tune.Callback):
+    """Tells the searcher when Tune starts a trial on a Ray worker (a trial may wait for resources after Tune asked
+    for it, e.g. on a Ray that other jobs share)."""
+
+    def __init__(self, searcher: JobSearcher) -> None:
+        self.searcher: JobSearcher | None = searcher
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"searcher": None}  # the live searcher stays in the driver
+
+    def on_trial_start(self, iteration: int, trials: list[TuneTrial], trial: TuneTrial, **info: Any) -> None:
+        if self.searcher is not None:
+            self.searcher.on_trial_running(trial.trial_id)
 
 
 class StopFlag(tune.Stopper):
@@ -544,6 +566,7 @@ def run_job(
                 name=f"job-{recorder.job_id}",
                 storage_path=str(scratch.resolve()),
                 stop=StopFlag(stop, timed_out),
+                callbacks=[TrialStarts(searcher)],
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 # Only the newest checkpoint of a trial is needed (to retry it after its node died).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

@@ -3,8 +3,9 @@
 Study `job-{id}/{optimizer}` carries the job's context as study user attributes (mode, metric, direction, target,
 epochs, the hyperparameters of fixed entries). Each trial carries its params, one intermediate value per epoch, its
 final value and state (COMPLETE, PRUNED or FAIL with a reason) and the user attributes optimizer, seed, phase (`tune`
-or `eval`), epochs_done, wall_seconds, epoch_seconds, device, node (the Ray node), diverged, reason, hyperparams and,
-for a trial re-run after its driver died, restarts.
+or `eval`), epochs_done, wall_seconds, epoch_seconds, device, node (the Ray node), diverged, reason, hyperparams,
+run_started_at (when it began running on a Ray worker, holding its resources; a trial waits for them after it is
+created, which is its Optuna `datetime_start`) and, for a trial re-run after its driver died, restarts.
 
 A job's studies are found by name from its JobSpec's optimizers (`job_study_names(storage, job_id, optimizers)`), so
 reading a job costs the same however many jobs the database holds.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 import optuna
@@ -32,6 +34,7 @@ from service.jobspec import Choice, FloatRange, JobSpec, OptimizerEntry
 from service.retry import DEFAULT_BUDGET_SECONDS, retry
 
 Phase = Literal["tune", "eval"]
+RUN_STARTED_AT = "run_started_at"  # trial user attribute: ISO time it began running on a Ray worker
 T = TypeVar("T")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -216,6 +219,7 @@ class OpenTrial:
     seed: int
     hyperparams: dict[str, Any]
     node: str | None = None  # the Ray node it last reported from
+    running: bool = False  # whether this driver saw it start running on a Ray worker
 
 
 class Recorder:
@@ -321,6 +325,14 @@ class Recorder:
             if any(t._trial_id == frozen._trial_id for t in study.get_trials(deepcopy=False)):
                 return name
         raise LookupError(f"trial {frozen._trial_id} belongs to no study of job {self.job_id}")
+
+    @staticmethod
+    def mark_running(open_trial: OpenTrial) -> None:
+        """The trial started running on a Ray worker (it holds its resources from now): `run_started_at`, once per
+        driver (a retry on another worker keeps the first)."""
+        if not open_trial.running:
+            open_trial.running = True
+            open_trial.trial.set_user_attr(RUN_STARTED_AT, datetime.now(UTC).isoformat())
 
     @staticmethod
     def report(open_trial: OpenTrial, epoch: int, value: float) -> None:

@@ -13,6 +13,12 @@ Every `scheduler_seconds` (and at once after a submit or cancel) it
   GENERATION`, in its own session (so it survives the API process) and in an empty working directory of its own.
 - removes the scratch of ended jobs (Tune's directory with the trials' checkpoints, the drivers' working directories)
   once `keep_scratch_seconds` have passed (a driver removes its own at once when that is 0).
+- keeps the service's Ray head (service/ray_head.py) when RAY_ADDRESS names no cluster: one process owns it, starts
+  it, restarts it when it dies, and stops it when the service stops; every driver attaches to it (its address and
+  token are in the driver's environment), and no job is started while there is no live head.
+- keeps one standby driver (`python -P -m service.worker --standby`) started and waiting, its modules loaded: a
+  claimed job is handed to it (one line on its standard input) instead of waiting for a new driver's start-up, and a
+  new standby is started a few seconds later.
 
 All decisions are conditional UPDATEs in the database, and a claim checks the cap under a lock in the same
 transaction, so several API processes (`koala serve --workers N`, replicas) can run a scheduler each.
@@ -20,6 +26,8 @@ transaction, so several API processes (`koala serve --workers N`, replicas) can 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -29,18 +37,27 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from service.ray_head import RayHead
 from service.recorder import close_running, optimizer_names
 from service.settings import Settings
 from service.store import ACTIVE_STATES, JobRow, Store
 
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 5.0  # how often ended jobs' scratch is looked for
+STANDBY_FLAG = "--standby"  # `python -P -m service.worker --standby`: a driver waiting for a job (see worker.py)
+STANDBY_READY = "ready"  # the file a standby writes into its directory once it is warm
+STANDBY_DELAY_SECONDS = 5.0  # after a handover, before the next standby starts (its start-up competes for the CPUs)
+STANDBY_RETRY_SECONDS = 30.0  # after a standby exited on its own
+# A new driver spends seconds loading its modules (torch, Ray, Optuna) before its first heartbeat, more on a busy
+# machine: it counts as silent only this long after its start plus `stale_seconds`.
+STARTUP_GRACE_SECONDS = 60.0
 
 
 def scratch_dir(settings: Settings, job_id: str) -> Path:
@@ -51,6 +68,11 @@ def scratch_dir(settings: Settings, job_id: str) -> Path:
 def driver_dir(settings: Settings, job_id: str) -> Path:
     """Where the working directories of a job's drivers are (one per start)."""
     return settings.data_dir / "drivers" / job_id
+
+
+def standby_dir(settings: Settings) -> Path:
+    """Where this process's standby drivers wait (one directory each, removed by the standby when it leaves)."""
+    return settings.data_dir / "standby" / str(os.getpid())
 
 
 def remove_scratch(settings: Settings, job_id: str) -> None:
@@ -65,6 +87,12 @@ class _Child:
     generation: int
 
 
+@dataclass
+class _Standby:
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+
 class Scheduler:
     def __init__(self, store: Store, storage: optuna.storages.BaseStorage, settings: Settings) -> None:
         self.store = store
@@ -77,17 +105,35 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._tick_lock = threading.Lock()
         self._swept_at = 0.0
+        # Set by start(): a scheduler driven tick by tick (tests) keeps no Ray head and no standby driver.
+        self.head: RayHead | None = None
+        self.standby: _Standby | None = None
+        self._use_standby = False
+        self._standby_after = 0.0
 
     def start(self) -> None:
+        if self.settings.ray_head and not os.environ.get("RAY_ADDRESS"):
+            self.head = RayHead(self.settings.data_dir, self._driver_env(), self.settings.ray_num_cpus)
+        self._use_standby = self.settings.standby_driver
+        _remove_stale_standby_dirs(standby_dir(self.settings).parent)
+        self._keep_standby()  # it loads its modules while the head starts
         self._thread = threading.Thread(target=self._loop, name="koala-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop scheduling. Running drivers are left alone: they finish their jobs without the API."""
+        """Stop scheduling, and the Ray head if this process owns it. Drivers on a cluster (RAY_ADDRESS) or on Ray
+        instances of their own are left alone: they finish their jobs without the API. Drivers on the service's head
+        hand their jobs back when it stops, and the next start of the service resumes them."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        with self._tick_lock:  # not in the middle of starting the head
+            self._drop_standby()
+            with contextlib.suppress(OSError):
+                standby_dir(self.settings).rmdir()  # if empty
+            if self.head is not None:
+                self.head.stop()
 
     def wake(self) -> None:
         self._wake.set()
@@ -109,6 +155,9 @@ class Scheduler:
 
     def tick(self) -> None:
         with self._tick_lock:
+            if self.head is not None and not self._stopping.is_set():
+                self.head.keep()  # adopt, start or restart it, if no other process keeps it
+            self._keep_standby()
             self._reap()
             self.reconcile()
             self._start_queued()
@@ -189,6 +238,8 @@ class Scheduler:
     # ---- starting --------------------------------------------------------------------------------------------------
 
     def _start_queued(self) -> None:
+        if self.head is not None and self.head.current() is None:
+            return  # the service's Ray head is starting or restarting: jobs wait in the queue
         # The jobs one API token runs at once are capped too (ownerless jobs only by max_concurrent_jobs).
         per_owner = self.settings.max_running_jobs_per_owner
         while not self._stopping.is_set():
@@ -202,6 +253,18 @@ class Scheduler:
                 log.exception("job %s: could not start its driver", job_id)
                 self.store.finish(job_id, "failed", f"its driver could not be started: {error}", generation=generation)
 
+    def _driver_env(self) -> dict[str, str]:
+        """The environment of a driver (and of the service's Ray head, which its trials' workers inherit)."""
+        env = {**os.environ, **self.settings.environment()}
+        pythonpath = _driver_pythonpath(env.get("PYTHONPATH"))
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
+        else:
+            env.pop("PYTHONPATH", None)
+        if self.head is not None:
+            env.update(self.head.auth_env())
+        return env
+
     def _spawn(self, job_id: str, generation: int) -> None:
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -210,25 +273,94 @@ class Scheduler:
         workdir = driver_dir(self.settings, job_id) / f"g{generation}"
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
-        env = {**os.environ, **self.settings.environment()}
-        pythonpath = _driver_pythonpath(env.get("PYTHONPATH"))
-        if pythonpath:
-            env["PYTHONPATH"] = pythonpath
-        else:
-            env.pop("PYTHONPATH", None)
-        with open(logs / f"{job_id}.log", "ab") as output:
-            process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "service.worker", job_id, str(generation)],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=workdir,
-                start_new_session=True,  # its own process group: survives the API, and the API's Ctrl-C
-            )
+        head = self.head.current() if self.head is not None else None
+        attach = head.driver_env() if head is not None else {}  # the service's Ray head: address, token
+        process = self._hand_to_standby(job_id, generation, workdir, attach)
+        how = "handed to the standby driver"
+        if process is None:
+            how = "driver started"
+            with open(logs / f"{job_id}.log", "ab") as output:
+                process = subprocess.Popen(
+                    [sys.executable, "-P", "-m", "service.worker", job_id, str(generation)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    env={**self._driver_env(), **attach},
+                    cwd=workdir,
+                    start_new_session=True,  # its own process group: survives the API, and the API's Ctrl-C
+                )
         self.children[job_id] = _Child(process, generation)
-        self.store.set_driver(job_id, process.pid, self.host, generation=generation)
-        log.info("job %s: driver started (pid %d, generation %d)", job_id, process.pid, generation)
+        self.store.set_driver(
+            job_id, process.pid, self.host, generation=generation, grace_seconds=STARTUP_GRACE_SECONDS
+        )
+        log.info("job %s: %s (pid %d, generation %d)", job_id, how, process.pid, generation)
+
+    # ---- the standby driver ----------------------------------------------------------------------------------------
+
+    def _keep_standby(self) -> None:
+        """Have one standby driver waiting (a while after the last one took a job, and not while stopping)."""
+        if not self._use_standby or self._stopping.is_set():
+            return
+        if self.standby is not None and self.standby.process.poll() is not None:
+            log.warning("the standby driver exited (%s); starting another later", self.standby.process.returncode)
+            shutil.rmtree(self.standby.directory, ignore_errors=True)
+            self.standby = None
+            self._standby_after = time.monotonic() + STANDBY_RETRY_SECONDS
+        if self.standby is None and time.monotonic() >= self._standby_after:
+            self.standby = self._spawn_standby()
+
+    def _spawn_standby(self) -> _Standby | None:
+        directory = standby_dir(self.settings) / uuid.uuid4().hex[:12]
+        logs = self.settings.data_dir / "logs"
+        try:
+            directory.mkdir(parents=True)
+            logs.mkdir(parents=True, exist_ok=True)
+            with open(logs / "standby.log", "ab") as output:
+                process = subprocess.Popen(
+                    [sys.executable, "-P", "-m", "service.worker", STANDBY_FLAG],
+                    stdin=subprocess.PIPE,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    env=self._driver_env(),  # the head's address comes with its job (the head may restart)
+                    cwd=directory,
+                    start_new_session=True,
+                )
+        except OSError:
+            log.exception("could not start a standby driver")
+            self._standby_after = time.monotonic() + STANDBY_RETRY_SECONDS
+            return None
+        return _Standby(process, directory)
+
+    def _hand_to_standby(
+        self, job_id: str, generation: int, workdir: Path, env: dict[str, str]
+    ) -> subprocess.Popen[bytes] | None:
+        """Give the job to the standby driver; returns its process, or None when there is none to take it."""
+        standby, self.standby = self.standby, None
+        if standby is None:
+            return None
+        self._standby_after = time.monotonic() + STANDBY_DELAY_SECONDS
+        order = {"job_id": job_id, "generation": generation, "workdir": str(workdir), "env": env}
+        try:
+            if standby.process.poll() is not None or standby.process.stdin is None:
+                raise BrokenPipeError("the standby driver has exited")
+            standby.process.stdin.write(json.dumps(order).encode() + b"\n")
+            standby.process.stdin.close()
+        except OSError:
+            log.warning("the standby driver could not take job %s; starting a driver for it", job_id)
+            with contextlib.suppress(OSError):
+                standby.process.kill()
+            shutil.rmtree(standby.directory, ignore_errors=True)
+            return None
+        return standby.process
+
+    def _drop_standby(self) -> None:
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            with contextlib.suppress(OSError):
+                standby.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                standby.process.wait(timeout=5)
+            shutil.rmtree(standby.directory, ignore_errors=True)
 
     # ---- disk ------------------------------------------------------------------------------------------------------
 
@@ -260,16 +392,43 @@ def _driver_pythonpath(inherited: str | None) -> str:
     return os.pathsep.join(entries)
 
 
+def _remove_stale_standby_dirs(base: Path) -> None:
+    """Remove the standby directories of API processes that are gone (a standby removes its own when it leaves,
+    unless it was killed)."""
+    if not base.is_dir():
+        return
+    for path in base.iterdir():
+        if path.name.isdigit() and not _process_exists(int(path.name)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _is_driver(pid: int, job_id: str) -> bool:
-    """Whether process `pid` on this host is the driver of `job_id` (a reused pid is not)."""
+    """Whether process `pid` on this host is the driver of `job_id` (a reused pid is not): a driver started for it,
+    or a standby driver that took it (in the job's working directory, or on its way there)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except FileNotFoundError:
         return False
     except OSError:  # no /proc (macOS): fall back to "a process with that pid exists"
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
+        return _process_exists(pid)
+    if b"service.worker" not in cmdline:
+        return False
+    if job_id.encode() in cmdline:
         return True
-    return b"service.worker" in cmdline and job_id.encode() in cmdline
+    if STANDBY_FLAG.encode() not in cmdline:
+        return False
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return True  # it exists, and is a standby: the one recorded for this job
+    return job_id in cwd.parts or "standby" in cwd.parts

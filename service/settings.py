@@ -30,6 +30,20 @@ class Settings(BaseSettings):
     stale_seconds: float = Field(default=30.0, gt=0, description="A driver silent this long is taken for dead")
     scheduler_seconds: float = Field(default=1.0, gt=0, description="Scheduler and reconciler period")
     max_driver_starts: int = Field(default=3, ge=1, description="Driver starts per job before it is failed")
+    # ---- Ray, when RAY_ADDRESS names no cluster ----
+    ray_head: bool = Field(
+        default=True,
+        description="Run one local Ray head for every job, from start to stop of the service (off: each job's driver "
+        "starts a local Ray of its own, which believes it has the whole machine)",
+    )
+    ray_num_cpus: float | None = Field(
+        default=None, gt=0, description="CPUs the service's Ray head offers (default: the machine's)"
+    )
+    standby_driver: bool = Field(
+        default=True,
+        description="Keep a job driver started and waiting, its modules loaded, so that a job's first trial starts "
+        "within a second of its submission rather than after a driver's start-up",
+    )
     # ---- what one job may take: time, disk, patience with a busy database ----
     max_trial_seconds: float = Field(
         default=6 * 3600.0, gt=0, description="Wall-clock seconds a trial may run (a JobSpec may ask for less)"

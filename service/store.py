@@ -512,15 +512,18 @@ class Store:
             now_is = f"generation {row.generation}, {row.state}" if row is not None else "gone"
             raise FencedError(f"job {job_id} is no longer this driver's (generation {generation}): now {now_is}")
 
-    def set_driver(self, job_id: str, pid: int, host: str, *, generation: int | None = None) -> bool:
-        """Record the driver process of the job's current start (of `generation`, if given)."""
+    def set_driver(
+        self, job_id: str, pid: int, host: str, *, generation: int | None = None, grace_seconds: float = 0.0
+    ) -> bool:
+        """Record the driver process of the job's current start (of `generation`, if given). `grace_seconds`: the
+        driver counts as alive that much longer than a heartbeat now would make it, for the seconds a new driver
+        spends loading its modules before its first heartbeat."""
         where = [jobs.c.id == job_id]
         if generation is not None:
             where.append(jobs.c.generation == generation)
+        values = {"driver_pid": pid, "driver_host": host, "heartbeat_at": self._db_now(grace_seconds)}
         with self.engine.begin() as db:
-            result = db.execute(
-                jobs.update().where(*where).values(driver_pid=pid, driver_host=host, heartbeat_at=self._db_now())
-            )
+            result = db.execute(jobs.update().where(*where).values(**values))
         return result.rowcount == 1
 
     def heartbeat(self, job_id: str, generation: int | None = None) -> str | None:
@@ -549,12 +552,20 @@ class Store:
             )
 
     def requeue(
-        self, job_id: str, reason: str, *, generation: int | None = None, silent_for: float | None = None
+        self,
+        job_id: str,
+        reason: str,
+        *,
+        generation: int | None = None,
+        silent_for: float | None = None,
+        count_start: bool = True,
     ) -> bool:
         """running -> queued, to resume a job whose driver died: only while the job is at `generation` (if given) and
         its driver has been silent for `silent_for` seconds (if given), so a stale view never requeues a newer
-        driver's job."""
+        driver's job. `count_start=False`: the start being ended does not count towards `max_driver_starts` (its
+        driver handed the job back because the service's Ray went away, through no fault of the job)."""
         conditions = [self._silent(silent_for)] if silent_for is not None else []
+        refund = {} if count_start else {"attempts": jobs.c.attempts - 1}
         with self.engine.begin() as db:
             return self._transition(
                 db,
@@ -566,6 +577,7 @@ class Store:
                 conditions=conditions,
                 driver_pid=None,
                 heartbeat_at=None,
+                **refund,
             )
 
     def set_progress(

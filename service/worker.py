@@ -14,16 +14,31 @@ A driver refused once, or whose heartbeat finds another generation, exits at onc
 without touching the job or its trials. Its writes retry through a busy database (a locked SQLite file, a restarting
 PostgreSQL) for `db_retry_seconds`; past that the driver stops with the reason in its log, and the scheduler resumes
 the job once the database answers.
+
+On the service's own Ray head (service/ray_head.py), the driver also checks before each write and at each heartbeat
+that the head it attached to is still alive. Once it is gone the driver hands the job back to the queue (without
+counting a driver start) and exits, touching no trial: the scheduler resumes the job on the restarted head, where the
+trials left RUNNING are re-run in place.
+
+Standby (`python -P -m service.worker --standby`): a driver started ahead of any job, which imports and loads what a
+driver needs (torch, Ray Tune, the fused CPU kernels, the database connections) and then waits for one line on its
+standard input, `{"job_id", "generation", "workdir", "env"}`, from the scheduler that claimed a job. It then moves to
+the job's working directory and log and drives the job like a driver started for it, without paying the seconds of
+start-up between a job's claim and its first trial. End of input (the scheduler went away) ends it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
@@ -34,9 +49,10 @@ from optuna.trial import TrialState
 
 from service.engine import TrialEvent, run_job
 from service.jobspec import JobSpec, SpecError
+from service.ray_head import AttachedHead
 from service.recorder import GuardedStorage, Recorder, close_running, optimizer_names, storage_for
 from service.retry import DatabaseUnavailableError, retry
-from service.scheduler import remove_scratch, scratch_dir
+from service.scheduler import STANDBY_FLAG, STANDBY_READY, remove_scratch, scratch_dir
 from service.settings import Settings
 from service.store import FencedError, Store
 from service.uploads import WorkloadCheckError, prepare_job
@@ -46,6 +62,7 @@ T = TypeVar("T")
 
 EXIT_FENCED = 3  # another driver owns the job: this one stopped without touching it
 EXIT_DATABASE = 4  # the database stayed unavailable longer than db_retry_seconds
+EXIT_RAY_LOST = 5  # the service's Ray head this driver ran on is gone: the job went back to the queue
 
 
 def abandon(reason: str) -> NoReturn:
@@ -65,13 +82,41 @@ class Lease:
     """This driver's hold on its job: the job id and the generation its start took. Every write to our tables goes
     through here (retried through a busy database, fenced by the generation); `check` is the Recorder's fence."""
 
-    def __init__(self, store: Store, job_id: str, generation: int, retry_seconds: float) -> None:
+    def __init__(
+        self, store: Store, job_id: str, generation: int, retry_seconds: float, head: AttachedHead | None = None
+    ) -> None:
         self.store = store
         self.job_id = job_id
         self.generation = generation
         self.retry_seconds = retry_seconds
+        self.head = head  # the service's Ray head this driver runs on (None: its own Ray, or a cluster)
+
+    def check_head(self) -> None:
+        """Hand the job back and exit at once if the service's Ray head this driver runs on is gone."""
+        if self.head is not None and not self.head.alive():
+            self.hand_back()
+
+    def hand_back(self) -> NoReturn:
+        """The Ray this driver ran on is gone: requeue the job (not counted as a driver start) and exit, touching no
+        trial; the scheduler resumes it once the head runs again. A job being cancelled is left to the reconciler,
+        which closes it as cancelled."""
+        log.error("job %s: the service's Ray head this driver ran on is gone; handing the job back", self.job_id)
+        reason = "the service's Ray head stopped; resuming"
+        try:
+            requeue = self.store.requeue
+            budget = min(self.retry_seconds, 30.0)
+            retry(
+                lambda: requeue(self.job_id, reason, generation=self.generation, count_start=False),
+                what="handing the job back",
+                budget=budget,
+            )
+        except Exception:  # the reconciler requeues it once it sees this driver gone
+            log.exception("job %s: could not requeue the job", self.job_id)
+        logging.shutdown()
+        os._exit(EXIT_RAY_LOST)
 
     def _write(self, what: str, call: Callable[[], T]) -> T:
+        self.check_head()
         try:
             return retry(call, what=what, budget=self.retry_seconds)
         except FencedError as error:
@@ -82,7 +127,8 @@ class Lease:
 
     def check(self) -> None:
         """Exit at once unless the job is still this driver's (called right before each write to the studies, whose
-        own retries cover a busy database)."""
+        own retries cover a busy database), and while the Ray it runs on lives."""
+        self.check_head()
         try:
             self.store.check_driver(self.job_id, self.generation)
         except FencedError as error:
@@ -123,17 +169,29 @@ def bound_transactions(engine: sa.Engine, seconds: float) -> None:
     engine.dispose()  # connections made before the listener are replaced
 
 
-def drive(job_id: str, generation: int, settings: Settings) -> str:
-    """Run job `job_id` to its end as its driver of `generation`; returns the final state."""
+def connect(settings: Settings) -> tuple[Store, optuna.storages.BaseStorage]:
+    """The driver's connections: our tables and the Optuna studies, each with bounded idle transactions."""
     store = Store(settings.database_url)
     bound_transactions(store.engine, settings.stale_seconds)
-    lease = Lease(store, job_id, generation, settings.db_retry_seconds)
+    studies = storage_for(settings.database_url)
+    bound_transactions(studies.engine, settings.stale_seconds)  # type: ignore[attr-defined]  # an RDBStorage
+    return store, studies
+
+
+def drive(
+    job_id: str,
+    generation: int,
+    settings: Settings,
+    connections: tuple[Store, optuna.storages.BaseStorage] | None = None,
+) -> str:
+    """Run job `job_id` to its end as its driver of `generation`; returns the final state. `connections`: made
+    beforehand (a standby's), else now."""
+    store, studies = connections or connect(settings)
+    lease = Lease(store, job_id, generation, settings.db_retry_seconds, AttachedHead.from_env())
     initial = lease.heartbeat()  # first of all: is this start still the job's? (if not, exit here)
     job = retry(lambda: store.get_job(job_id), what="reading the job", budget=settings.db_retry_seconds)
     if job is None:
         raise LookupError(f"no job {job_id} in {settings.database_url}")
-    studies = storage_for(settings.database_url)
-    bound_transactions(studies.engine, settings.stale_seconds)  # type: ignore[attr-defined]  # an RDBStorage
     storage = GuardedStorage(optuna.storages.get_storage(studies), lease.check, settings.db_retry_seconds)
     try:
         spec = JobSpec.parse(job.spec, settings.limits)
@@ -235,16 +293,65 @@ def _progress_from_studies(recorder: Recorder, spec: JobSpec) -> dict[str, dict[
     return progress
 
 
+def warm_up() -> None:
+    """Load what a driver's first job would otherwise wait for: torch and the modules Ray Tune imports when a run
+    starts (its TensorBoard logger imports torch), and KOALA's fused CPU kernels (the engine loads them before the
+    first trial)."""
+    import ray.tune.execution.tune_controller  # noqa: F401
+
+    from koala import cpu_kernels
+
+    with contextlib.suppress(ImportError):  # Tune's TensorBoard logger, where installed
+        import tensorboardX  # type: ignore[import-untyped]  # noqa: F401
+
+    cpu_kernels.warm_up()
+
+
+def standby() -> tuple[str, int, Settings, tuple[Store, optuna.storages.BaseStorage]] | None:
+    """Warm up, then wait for a job from the scheduler (see the module's docstring); None at the end of input."""
+    warm_up()
+    settings = Settings()
+    connections = connect(settings)
+    home = Path.cwd()
+    (home / STANDBY_READY).write_text(f"{os.getpid()}\n")
+    log.info("standby driver ready (pid %d)", os.getpid())
+    line = sys.stdin.readline()
+    if not line.strip():
+        shutil.rmtree(home, ignore_errors=True)
+        return None
+    order = json.loads(line)
+    job_id, generation = str(order["job_id"]), int(order["generation"])
+    os.environ.update({str(k): str(v) for k, v in order.get("env", {}).items()})
+    os.chdir(order["workdir"])
+    shutil.rmtree(home, ignore_errors=True)
+    settings = Settings()
+    # From now on this process is the job's driver: its output goes to the job's log, like a driver started for it.
+    with open(settings.data_dir / "logs" / f"{job_id}.log", "ab") as output:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(output.fileno(), 1)
+        os.dup2(output.fileno(), 2)
+    log.info("standby driver (pid %d) takes job %s, generation %d", os.getpid(), job_id, generation)
+    return job_id, generation, settings, connections
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or not args[1].isdigit():
-        print("usage: python -P -m service.worker JOB_ID GENERATION", file=sys.stderr)
+    if args != [STANDBY_FLAG] and (len(args) != 2 or not args[1].isdigit()):
+        print(f"usage: python -P -m service.worker JOB_ID GENERATION | {STANDBY_FLAG}", file=sys.stderr)
         return 2
-    job_id, generation = args[0], int(args[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # our SIGINT/SIGTERM handler stops the job
+    connections = None
+    if args == [STANDBY_FLAG]:
+        order = standby()
+        if order is None:
+            return 0
+        job_id, generation, settings, connections = order
+    else:
+        job_id, generation, settings = args[0], int(args[1]), Settings()
     try:
-        state = drive(job_id, generation, Settings())
+        state = drive(job_id, generation, settings, connections)
     except DatabaseUnavailableError as error:
         log.error("job %s: %s; stopping (the scheduler resumes the job once the database answers)", job_id, error)
         return EXIT_DATABASE

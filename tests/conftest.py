@@ -114,8 +114,8 @@ def kill_drivers(database_url: str) -> None:
 def server_factory(tmp_path: Path) -> Iterator[Any]:
     """Start servers on a fresh data directory: `server_factory(database_url=None, env=None, cwd=None,
     **KOALA_settings)`; all stopped afterwards. `env` adds variables to the server's environment (which inherits its
-    drivers), e.g. RAY_ADDRESS of a cluster; otherwise RAY_ADDRESS is removed, so each job starts a local Ray. `cwd`:
-    the server's working directory (default: the test's)."""
+    drivers), e.g. RAY_ADDRESS of a cluster; otherwise RAY_ADDRESS is removed, so the server runs its own Ray head.
+    `cwd`: the server's working directory (default: the test's)."""
     started: list[LiveServer] = []
 
     def start(
@@ -134,9 +134,12 @@ def server_factory(tmp_path: Path) -> Iterator[Any]:
         return server.start()
 
     yield start
+    from service.ray_head import stop_recorded
+
     for server in started:
         server.stop()
         kill_drivers(server.database_url)
+        stop_recorded(server.data_dir)  # the server's Ray head, when a killed server left it running
 
 
 @pytest.fixture
