@@ -1,8 +1,9 @@
 """The Triton kernels of the CUDA multi-tensor path against the same path through `torch._foreach_*`.
 
-Runs on a CUDA device, and in Triton's interpreter on the CPU where Triton is installed (CPU-only torch builds do not
-ship it, so elsewhere both are skipped). The interpreter must be chosen before Triton is imported: that case runs
-this file again in a subprocess with TRITON_INTERPRET=1.
+Runs on a CUDA device, and in Triton's interpreter on the CPU where Triton is installed: CPU-only torch builds do not
+ship it, so the `dev` extra installs it on Linux (where it has wheels), and every test run checks the kernels' math;
+elsewhere both are skipped. The interpreter must be chosen before Triton is imported: that case runs this file again
+in a subprocess with TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
