@@ -28,9 +28,18 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = ["cpu"] if INTERPRETED else ["cuda"]
 
 
-def trajectory(factory: Any, device: str, dtype: torch.dtype, kernels: bool, weight_decay: float) -> Any:
+def trajectory(
+    factory: Any,
+    device: str,
+    dtype: torch.dtype,
+    kernels: bool,
+    weight_decay: float,
+    keep_grads: bool = False,
+    builds: list[int] | None = None,
+) -> Any:
     """12 steps through two groups (lr and weight decay), a block without gradient, a zero-gradient block on some
-    steps, a NaN loss and an lr change; then the posterior weights and the state."""
+    steps, a NaN loss and an lr change; then the posterior weights and the state. `keep_grads`: zero the gradients
+    in place (their addresses stay); `builds` receives how many step plans the kernels built."""
     torch.manual_seed(3)
     big = nn.Parameter(torch.randn(70, 600, dtype=dtype, device=device) * 0.01)  # 42k elements: 11 tiles
     small = nn.Parameter(torch.randn(7, dtype=dtype, device=device))
@@ -46,13 +55,15 @@ def trajectory(factory: Any, device: str, dtype: torch.dtype, kernels: bool, wei
             losses = losses * float("nan")
         if k == 7:
             opt.param_groups[0]["lr"] = 0.7
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=not keep_grads)
         losses.mean().backward()
         frozen.grad = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the NaN step's skip warning, where it is issued
             opt.step(loss=losses.detach())
         assert opt._path(opt._blocks()).name == ("triton" if kernels else "foreach")
+    if builds is not None and opt._workspace is not None:
+        builds.append(opt._workspace.builds)
     opt.eval()
     return [p.detach().cpu() for p in (big, small, frozen, extra)], copy.deepcopy(opt.state_dict()["state"])
 
@@ -83,7 +94,7 @@ def test_kernels_in_the_interpreter() -> None:
         text=True,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "14 passed" in run.stdout
+    assert "17 passed" in run.stdout
 
 
 @pytest.mark.gpu
@@ -97,3 +108,77 @@ def test_loss_moments_kernel(shape: tuple[int, ...], device: str) -> None:
         loss = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) + 1).to(device, dtype)
         expected = F.loss_moments(loss, torch.device(device), torch.float64)
         torch.testing.assert_close(cuda_kernels.loss_moments(loss, torch.device(device)), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_kernels.AVAILABLE, reason="needs Triton")
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a CUDA device or the interpreter")
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_step_plan_is_rebuilt_only_when_its_inputs_change(device: str) -> None:
+    """The cached plan (checks, pointer table, runs) serves every step whose tensors, dtypes, sizes, layouts, lrs and
+    weight decays are those it was built for, and is rebuilt, exactly as without a cache, when one of them changes."""
+    where = torch.device(device)
+    params = [torch.randn(n, device=where) for n in (5000, 7, 300)]
+    grads: list[torch.Tensor | None] = [torch.randn_like(p) for p in params]
+    velocities = [torch.zeros_like(p) for p in params]
+    averages = [torch.zeros_like(p) for p in params]
+    lrs = [1.0, 1.0, 0.5]
+    workspace = None
+
+    def plan(cached: bool = True) -> tuple[F.Blocks, cuda_kernels.Layout | None]:
+        blocks = F.Blocks(list(params), list(grads), list(lrs), [0.0] * len(params))
+        layout = cuda_kernels.plan(blocks, where, workspace if cached else None, velocities, averages)
+        return blocks, layout
+
+    def check(builds: int) -> None:
+        """The step's plan equals a plan built afresh, and the cache was (re)built `builds` times in all."""
+        nonlocal workspace
+        blocks, layout = plan()
+        fresh, fresh_layout = plan(cached=False)
+        assert layout is not None
+        assert fresh_layout is not None
+        workspace = layout.workspace
+        assert workspace.builds == builds
+        assert blocks._runs == fresh._runs
+        assert (workspace.rows == fresh_layout.workspace.rows).all()
+        assert torch.equal(workspace.table.cpu(), fresh_layout.workspace.table.cpu())
+
+    check(builds=1)
+    for _ in range(3):
+        check(builds=1)  # unchanged: the cached plan
+    blocks, _ = plan()
+    assert workspace is not None
+    assert blocks._runs is workspace.runs
+    lrs[1] = 0.5  # an lr (a scheduler's step): the runs change
+    check(builds=2)
+    grads[2] = None  # a block without gradient
+    check(builds=3)
+    grads[2] = torch.randn_like(params[2])  # a gradient again, at another address
+    check(builds=4)
+    params[1], grads[1] = params[1].double(), torch.randn(7, dtype=torch.float64, device=where)
+    velocities[1], averages[1] = velocities[1].double(), averages[1].double()  # of its dtype, as the optimizer's
+    check(builds=5)
+    # Where the kernels do not apply (a gradient that is not contiguous) there is no plan, and the cached one is
+    # neither used nor changed: a step with the earlier tensors uses it again.
+    kept = grads[2]
+    grads[2] = torch.randn(300, 2, device=where)[:, 0]
+    assert plan()[1] is None
+    grads[2] = kept
+    check(builds=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_kernels.AVAILABLE, reason="needs Triton")
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a CUDA device or the interpreter")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_steps_on_the_cached_plan_match_the_foreach_path(factory: Any, device: str) -> None:
+    """Gradients zeroed in place keep their addresses, so the steps reuse the cached plan (rebuilt at the first step
+    and at the lr change only), and the trajectory is the foreach path's."""
+    builds: list[int] = []
+    weights, state = trajectory(factory, device, torch.float64, True, 1e-3, keep_grads=True, builds=builds)
+    ref_weights, ref_state = trajectory(factory, device, torch.float64, False, 1e-3, keep_grads=True)
+    assert builds == [2]
+    for a, b in zip(weights, ref_weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-13)
