@@ -21,14 +21,11 @@ from koala import diag_cpu_kernels
 from koala import functional as F
 from koala.functional import COVARIANCE, MEASUREMENT_NOISE, SECOND_MOMENT, STEP
 from koala.optim import (
-    _CALL_HINT,
     Loss,
     _check,
     _check_number,
-    _describe,
     _distributed,
     _KalmanOptimizer,
-    _loss_tensor,
 )
 
 
@@ -166,20 +163,7 @@ class KoalaDiag(_KalmanOptimizer):
                 tensor nor a real number.
             RuntimeError: called in evaluation mode (call `train()` first).
         """
-        if (closure is None) == (loss is None):
-            which = "neither" if closure is None else "both"
-            raise TypeError(f"{type(self).__name__}.step() got {which} of closure and loss: {_CALL_HINT}")
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        measured = _loss_tensor(loss)
-        if loss is None or measured is None:
-            raise TypeError(
-                f"{type(self).__name__}.step() needs the loss as a non-empty float tensor or a real number, got "
-                f"{_describe(loss)}: {_CALL_HINT}"
-            )
-        if not self.param_groups[0]["train_mode"]:
-            raise RuntimeError(f"{type(self).__name__}.step() called in evaluation mode: call optimizer.train() first")
+        loss, measured = self._take_loss(closure, loss)
         blocks = self._blocks()
         if all(g is None for g in blocks.grads):
             return loss

@@ -187,20 +187,7 @@ class _KalmanOptimizer(torch.optim.Optimizer):
                 tensor nor a real number (a closure returning None, for instance).
             RuntimeError: called in evaluation mode (call `train()` first).
         """
-        if (closure is None) == (loss is None):
-            which = "neither" if closure is None else "both"
-            raise TypeError(f"{type(self).__name__}.step() got {which} of closure and loss: {_CALL_HINT}")
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        measured = _loss_tensor(loss)
-        if loss is None or measured is None:
-            raise TypeError(
-                f"{type(self).__name__}.step() needs the loss as a non-empty float tensor or a real number, got "
-                f"{_describe(loss)}: {_CALL_HINT}"
-            )
-        if not self.param_groups[0]["train_mode"]:
-            raise RuntimeError(f"{type(self).__name__}.step() called in evaluation mode: call optimizer.train() first")
+        loss, measured = self._take_loss(closure, loss)
         blocks = self._blocks()
         if all(g is None for g in blocks.grads):
             return loss  # nothing was backpropagated: a no-op, like every torch optimizer
@@ -279,6 +266,25 @@ class _KalmanOptimizer(torch.optim.Optimizer):
     def _has_state(self) -> bool:
         """Whether the filter has started (stepped, or loaded a state that had): empty entries do not count."""
         return any(self.state.get(p) for group in self.param_groups for p in group["params"])
+
+    def _take_loss(self, closure: Closure | None, loss: Loss | None) -> tuple[Loss, Tensor]:
+        """The loss of this step (from `loss` or by running `closure`) and its tensor form; the argument and mode
+        checks every KOALA `step()` starts with."""
+        if (closure is None) == (loss is None):
+            which = "neither" if closure is None else "both"
+            raise TypeError(f"{type(self).__name__}.step() got {which} of closure and loss: {_CALL_HINT}")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        measured = _loss_tensor(loss)
+        if loss is None or measured is None:
+            raise TypeError(
+                f"{type(self).__name__}.step() needs the loss as a non-empty float tensor or a real number, got "
+                f"{_describe(loss)}: {_CALL_HINT}"
+            )
+        if not self.param_groups[0]["train_mode"]:
+            raise RuntimeError(f"{type(self).__name__}.step() called in evaluation mode: call optimizer.train() first")
+        return loss, measured
 
     def _blocks(self) -> F.Blocks:
         # Runs every step: list operations per group, not per parameter, where possible.
