@@ -362,11 +362,12 @@ class Recorder:
             open_trial.study.tell(trial, state=TrialState.FAIL)
 
     def close_orphans(self) -> int:
-        """Close the RUNNING trials a dead driver left before giving them a phase (asked, never started); they are
-        no planned trial, so a resumed job plans their slots afresh. Returns how many."""
+        """Close the trials a dead driver left before giving them a phase: RUNNING (asked, never started) or WAITING
+        (enqueued, never asked; Optuna would hand it, with the dead driver's parameters, to the next ask of its
+        study). They are no planned trial, so a resumed job plans their slots afresh. Returns how many."""
         closed = 0
         for study in self._studies.values():
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
                 if "phase" not in trial.user_attrs:
                     self.storage.set_trial_user_attr(trial._trial_id, "reason", "interrupted before it started")
                     self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -385,12 +386,12 @@ def close_running(
     state: TrialState,
     optimizers: Iterable[str] | None = None,
 ) -> int:
-    """Close the RUNNING trials of every study of `job_id` (of those `optimizers`, see job_study_names) with `state`
-    and `reason`."""
+    """Close the RUNNING (and WAITING: enqueued, never asked) trials of every study of `job_id` (of those
+    `optimizers`, see job_study_names) with `state` and `reason`."""
     closed = 0
     for name in job_study_names(storage, job_id, optimizers):
         study_id = storage.get_study_id_from_name(name)
-        for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             storage.set_trial_user_attr(trial._trial_id, "reason", reason)
             storage.set_trial_state_values(trial._trial_id, state)
             closed += 1

@@ -402,6 +402,23 @@ def test_trial_asked_but_never_attributed_is_closed_and_its_slot_planned_again(
     assert next(r for r in report.optimizers if r.optimizer == "koala-m").trials == {"COMPLETE": 1}
 
 
+def test_trial_enqueued_but_never_asked_is_closed_and_never_handed_to_the_next_driver(
+    storage: optuna.storages.RDBStorage,
+) -> None:
+    """A fixed-parameter trial is enqueued, then asked: a driver killed between the two leaves a WAITING trial that
+    Optuna would hand to the next `ask` of that study, with the dead driver's parameters. The next driver closes it."""
+    recorder = Recorder(storage, "j5", SPEC)
+    recorder.study("koala-m").enqueue_trial({"stale": 1}, skip_if_exists=False)  # killed here, before the ask
+
+    successor = Recorder(storage, "j5", SPEC)
+    JobSearcher(SPEC, successor, threading.Event())
+    (stale,) = successor.study("koala-m").get_trials()
+    assert (stale.state, stale.user_attrs["reason"]) == (TrialState.FAIL, "interrupted before it started")
+    fresh = successor.open(entry("koala-m"), "eval", 0, {})
+    assert fresh.trial.number != stale.number
+    assert "stale" not in fresh.trial.params
+
+
 # ---- report -------------------------------------------------------------------------------------------------------
 
 
