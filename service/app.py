@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from koala import optimizers, workloads
-from service import schemas
+from koala_client import models
 from service.auth import Auth, ExposureError, Guard, check_exposure, identify
 from service.dashboard import mount as mount_dashboard
 from service.jobspec import JobSpec, SpecError, type_name
@@ -101,8 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Compare the hyperparameter-free KOALA optimizer with fixed or Optuna-tuned baselines on Ray Tune.",
         lifespan=lifespan,
         responses={
-            401: {"model": schemas.Problem, "description": "Missing or unknown API token"},
-            422: {"model": schemas.Problem, "description": "Invalid request; `field` names the offending field"},
+            401: {"model": models.Problem, "description": "Missing or unknown API token"},
+            422: {"model": models.Problem, "description": "Invalid request; `field` names the offending field"},
         },
     )
     app.state.settings = settings
@@ -115,13 +115,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # ---- jobs ------------------------------------------------------------------------------------------------------
 
-    @app.post("/v1/jobs", status_code=202, response_model=schemas.Job, tags=["jobs"])
+    @app.post("/v1/jobs", status_code=202, response_model=models.Job, tags=["jobs"])
     async def submit_job(
         spec: JobSpec,
         request: Request,
         who: Auth,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-    ) -> schemas.Job:
+    ) -> models.Job:
         """Submit a JobSpec (docs/architecture.md "JobSpec"). With `Idempotency-Key`, a repeat of the same request
         returns the same job; the same key with another body is rejected."""
         problems = spec.cross_check() + spec.check_limits(settings.limits)
@@ -158,13 +158,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runner.wake()
         return job.to_schema()
 
-    @app.get("/v1/jobs", response_model=schemas.JobPage, tags=["jobs"])
+    @app.get("/v1/jobs", response_model=models.JobPage, tags=["jobs"])
     async def list_jobs(
         who: Auth,
-        state: Annotated[list[schemas.JobState] | None, Query(description="Only jobs in these states")] = None,
+        state: Annotated[list[models.JobState] | None, Query(description="Only jobs in these states")] = None,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
         cursor: Annotated[str | None, Query(max_length=200)] = None,
-    ) -> schemas.JobPage:
+    ) -> models.JobPage:
         """Jobs, newest first, a page at a time: pass `next_cursor` back as `cursor`."""
         try:
             rows, next_cursor = store.list_jobs(
@@ -177,10 +177,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         except BadCursorError as error:
             raise ProblemError(422, "Invalid cursor", str(error), field="cursor") from None
-        return schemas.JobPage(jobs=[r.to_schema() for r in rows], next_cursor=next_cursor)
+        return models.JobPage(jobs=[r.to_schema() for r in rows], next_cursor=next_cursor)
 
-    @app.get("/v1/jobs/{job_id}", response_model=schemas.Job, tags=["jobs"])
-    async def get_job(job: VisibleJob) -> schemas.Job:
+    @app.get("/v1/jobs/{job_id}", response_model=models.Job, tags=["jobs"])
+    async def get_job(job: VisibleJob) -> models.Job:
         """Spec, state, progress (trials done/total per optimizer), timestamps and error of a job, and the digest
         and file list of the workload pack it runs, if it was uploaded."""
         shown = job.to_schema()
@@ -188,8 +188,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             shown.upload = await run_in_threadpool(job_upload, uploads, job)
         return shown
 
-    @app.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=schemas.Job, tags=["jobs"])
-    def cancel_job(job_id: str, visible: VisibleJob) -> schemas.Job:
+    @app.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=models.Job, tags=["jobs"])
+    def cancel_job(job_id: str, visible: VisibleJob) -> models.Job:
         """Cancel a job (idempotent): a queued job ends at once; a running one moves to `cancelling`, its running
         trials stop within seconds and are closed as PRUNED, then it ends `cancelled`."""
         job = store.request_cancel(job_id)
@@ -198,13 +198,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runner.signal_cancel(job_id)
         return job.to_schema()
 
-    @app.get("/v1/jobs/{job_id}/trials", response_model=list[schemas.Trial], tags=["results"])
-    def list_trials(job_id: str, visible: VisibleJob) -> list[schemas.Trial]:
+    @app.get("/v1/jobs/{job_id}/trials", response_model=list[models.Trial], tags=["results"])
+    def list_trials(job_id: str, visible: VisibleJob) -> list[models.Trial]:
         """Every trial of the job, from its Optuna studies, in start order per optimizer."""
         return list(_trials(storage, job_id, optimizer_names(visible.spec)))
 
-    @app.get("/v1/jobs/{job_id}/results", response_model=schemas.Report, tags=["results"])
-    def job_results(job_id: str, job: VisibleJob) -> schemas.Report:
+    @app.get("/v1/jobs/{job_id}/results", response_model=models.Report, tags=["results"])
+    def job_results(job_id: str, job: VisibleJob) -> models.Report:
         """The comparison report, computed from the studies (so it reflects the job as it is now)."""
         try:
             return build_report(storage, job_id, optimizer_names(job.spec))
@@ -230,7 +230,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if batch:
                 continue
             job = await run_in_threadpool(store.get_job, job_id)
-            if job is None or job.state in schemas.TERMINAL_STATES:
+            if job is None or job.state in models.TERMINAL_STATES:
                 if not await run_in_threadpool(store.events_after, job_id, cursor):
                     return
                 continue
@@ -238,13 +238,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # ---- catalogue and health --------------------------------------------------------------------------------------
 
-    @app.get("/v1/workloads", response_model=list[schemas.WorkloadInfo], tags=["catalogue"])
-    def list_workloads() -> list[schemas.WorkloadInfo]:
+    @app.get("/v1/workloads", response_model=list[models.WorkloadInfo], tags=["catalogue"])
+    def list_workloads() -> list[models.WorkloadInfo]:
         """Workloads a JobSpec may name, with their metrics and configuration defaults."""
         return [_workload_info(name) for name in workloads.names()]
 
-    @app.get("/v1/optimizers", response_model=list[schemas.OptimizerInfo], tags=["catalogue"])
-    def list_optimizers() -> list[schemas.OptimizerInfo]:
+    @app.get("/v1/optimizers", response_model=list[models.OptimizerInfo], tags=["catalogue"])
+    def list_optimizers() -> list[models.OptimizerInfo]:
         """Optimizers a JobSpec may name, with their hyperparameters and defaults."""
         return [_optimizer_info(name) for name in optimizers.names()]
 
@@ -253,7 +253,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], responses={503: {"model": schemas.Problem}})
+    @app.get("/readyz", tags=["health"], responses={503: {"model": models.Problem}})
     def readyz(request: Request) -> dict[str, str]:
         """Readiness: the database answers, and the Ray cluster in RAY_ADDRESS (if any) accepts connections. The
         details (what failed, the Ray address) are shown only to a caller with a token (or on an open server)."""
@@ -303,20 +303,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         title = {404: "Not Found", 405: "Method Not Allowed", 413: "Request body too large"}.get(
             error.status_code, "HTTP error"
         )
-        return problem_response(schemas.Problem(title=title, status=error.status_code, detail=str(error.detail)))
+        return problem_response(models.Problem(title=title, status=error.status_code, detail=str(error.detail)))
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         detail = f"internal error ({type(error).__name__}); the server log has the details"
-        return problem_response(schemas.Problem(title="Internal Server Error", status=500, detail=detail))
+        return problem_response(models.Problem(title="Internal Server Error", status=500, detail=detail))
 
 
 def _validation_problem(errors: list[dict[str, str]]) -> JSONResponse:
     first = errors[0] if errors else {"field": "", "message": "invalid request"}
     detail = "; ".join(f"{e['field'] or '(body)'}: {e['message']}" for e in errors)
     return problem_response(
-        schemas.Problem(
+        models.Problem(
             type="https://koala.dev/problems/validation",
             title="Invalid request",
             status=422,
@@ -337,7 +337,7 @@ def _event_id(header: str | None) -> int:
 # ---- readers -------------------------------------------------------------------------------------------------------
 
 
-def _trials(storage: optuna.storages.BaseStorage, job_id: str, optimizers: list[str]) -> Iterator[schemas.Trial]:
+def _trials(storage: optuna.storages.BaseStorage, job_id: str, optimizers: list[str]) -> Iterator[models.Trial]:
     for name in job_study_names(storage, job_id, optimizers):
         study = optuna.load_study(study_name=name, storage=storage)
         optimizer = str(study.user_attrs.get("optimizer", name.split("/", 1)[-1]))
@@ -346,9 +346,9 @@ def _trials(storage: optuna.storages.BaseStorage, job_id: str, optimizers: list[
                 yield _trial(optimizer, trial)
 
 
-def _trial(optimizer: str, trial: FrozenTrial) -> schemas.Trial:
+def _trial(optimizer: str, trial: FrozenTrial) -> models.Trial:
     attrs = trial.user_attrs
-    return schemas.Trial(
+    return models.Trial(
         optimizer=optimizer,
         number=trial.number,
         phase=attrs.get("phase", "eval"),
@@ -376,14 +376,14 @@ def _trial(optimizer: str, trial: FrozenTrial) -> schemas.Trial:
     )
 
 
-def _workload_info(name: str) -> schemas.WorkloadInfo:
+def _workload_info(name: str) -> models.WorkloadInfo:
     cls = workloads.workload_class(name)
     config = {f.name: f.default for f in dataclasses.fields(cls.Config)}
     try:
         schema = TypeAdapter(cls.Config).json_schema()
     except Exception:  # a user workload's config type pydantic cannot describe: defaults still say enough
         schema = {}
-    return schemas.WorkloadInfo(
+    return models.WorkloadInfo(
         name=name,
         description=cls.description,
         metric=cls.metric,
@@ -394,13 +394,13 @@ def _workload_info(name: str) -> schemas.WorkloadInfo:
     )
 
 
-def _optimizer_info(name: str) -> schemas.OptimizerInfo:
+def _optimizer_info(name: str) -> models.OptimizerInfo:
     spec = optimizers.get(name)
-    return schemas.OptimizerInfo(
+    return models.OptimizerInfo(
         name=name,
         description=spec.description,
         hyperparameters=[
-            schemas.HyperparameterInfo(name=key, default=value, type=type_name(name, key))
+            models.HyperparameterInfo(name=key, default=value, type=type_name(name, key))
             for key, value in spec.hyperparameters().items()
         ],
     )

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from service import schemas
+from koala_client import models
 
 PROBLEM = "application/problem+json"
 
@@ -31,7 +31,7 @@ class ProblemError(Exception):
             self.headers.setdefault("WWW-Authenticate", "Bearer")
 
     def response(self) -> JSONResponse:
-        problem = schemas.Problem(
+        problem = models.Problem(
             type=self.extra.get("type", "about:blank"),
             title=self.title,
             status=self.status,
@@ -41,6 +41,6 @@ class ProblemError(Exception):
         return problem_response(problem, self.headers)
 
 
-def problem_response(problem: schemas.Problem, headers: dict[str, str] | None = None) -> JSONResponse:
+def problem_response(problem: models.Problem, headers: dict[str, str] | None = None) -> JSONResponse:
     body = problem.model_dump(exclude_none=True)
     return JSONResponse(body, status_code=problem.status, media_type=PROBLEM, headers=headers)

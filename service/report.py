@@ -17,8 +17,8 @@ from typing import Any, Literal
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from koala_client.models import CurvePoint, FailedTrial, HpoCost, OptimizerReport, Report, TargetReach
 from service.recorder import job_study_names
-from service.schemas import CurvePoint, FailedTrial, HpoCost, OptimizerReport, Report, TargetReach
 
 __all__ = ["Report", "build_report"]
 

@@ -26,7 +26,7 @@ from typing import Any, overload
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from service import schemas
+from koala_client import models
 
 metadata = sa.MetaData()
 
@@ -183,9 +183,9 @@ class JobRow:
             values[key] = _aware(values[key])
         return cls(**values)
 
-    def to_schema(self) -> schemas.Job:
-        progress = {name: schemas.OptimizerProgress(**p) for name, p in self.progress.items()}
-        return schemas.Job(
+    def to_schema(self) -> models.Job:
+        progress = {name: models.OptimizerProgress(**p) for name, p in self.progress.items()}
+        return models.Job(
             id=self.id,
             name=self.name,
             workload=self.workload,
@@ -200,7 +200,7 @@ class JobRow:
             started_at=self.started_at,
             finished_at=self.finished_at,
             attempts=self.attempts,
-            upload=schemas.JobUpload(digest=self.upload) if self.upload else None,
+            upload=models.JobUpload(digest=self.upload) if self.upload else None,
         )
 
 
@@ -593,7 +593,7 @@ class Store:
             return set()
         query = sa.select(jobs.c.id).where(
             jobs.c.id.in_(list(job_ids)),
-            jobs.c.state.in_(list(schemas.TERMINAL_STATES)),
+            jobs.c.state.in_(list(models.TERMINAL_STATES)),
             sa.or_(jobs.c.finished_at.is_(None), jobs.c.finished_at <= self._db_now(-seconds)),
         )
         with self.engine.connect() as db:
@@ -611,17 +611,17 @@ class Store:
                 self._fenced_update(db, job_id, generation)
             self._event(db, job_id, kind, data)
 
-    def events_after(self, job_id: str, after: int = 0, limit: int = 500) -> list[schemas.Event]:
+    def events_after(self, job_id: str, after: int = 0, limit: int = 500) -> list[models.Event]:
         query = (
             sa.select(events).where(events.c.job_id == job_id, events.c.id > after).order_by(events.c.id).limit(limit)
         )
         with self.engine.connect() as db:
             rows = db.execute(query).all()
-        return [schemas.Event(id=r.id, job_id=r.job_id, kind=r.kind, at=_aware(r.at), data=r.data) for r in rows]
+        return [models.Event(id=r.id, job_id=r.job_id, kind=r.kind, at=_aware(r.at), data=r.data) for r in rows]
 
     # ---- API tokens and sessions ----------------------------------------------------------------------------------
 
-    def create_token(self, name: str = "", *, admin: bool = False, allow_uploads: bool = False) -> schemas.TokenCreated:
+    def create_token(self, name: str = "", *, admin: bool = False, allow_uploads: bool = False) -> models.TokenCreated:
         """A new API token (only its hash is stored). Names are unique, so `koala token revoke NAME` is unambiguous.
         `allow_uploads`: it may upload workload code even where the server does not allow that to every token."""
         token = "koala_" + secrets.token_urlsafe(32)
@@ -641,13 +641,13 @@ class Store:
                 )
             )
         self._tokens_cache = None
-        return schemas.TokenCreated(id=token_id, name=name, token=token, admin=admin, allow_uploads=allow_uploads)
+        return models.TokenCreated(id=token_id, name=name, token=token, admin=admin, allow_uploads=allow_uploads)
 
-    def list_tokens(self) -> list[schemas.TokenInfo]:
+    def list_tokens(self) -> list[models.TokenInfo]:
         with self.engine.connect() as db:
             rows = db.execute(sa.select(api_tokens).order_by(api_tokens.c.created_at)).all()
         return [
-            schemas.TokenInfo(
+            models.TokenInfo(
                 id=r.id,
                 name=r.name,
                 admin=bool(r.admin),
@@ -658,7 +658,7 @@ class Store:
             for r in rows
         ]
 
-    def revoke_token(self, name_or_id: str) -> schemas.TokenInfo | None:
+    def revoke_token(self, name_or_id: str) -> models.TokenInfo | None:
         """Revoke a token (by name or id) and end its sessions at once; None when there is no such token."""
         with self.engine.begin() as db:
             where = sa.or_(api_tokens.c.id == name_or_id, api_tokens.c.name == name_or_id)
@@ -668,7 +668,7 @@ class Store:
             revoked = _aware(row.revoked_at) or now()
             db.execute(api_tokens.update().where(api_tokens.c.id == row.id).values(revoked_at=revoked))
             db.execute(sessions.delete().where(sessions.c.token_id == row.id))
-        return schemas.TokenInfo(
+        return models.TokenInfo(
             id=row.id,
             name=row.name,
             admin=bool(row.admin),

@@ -47,7 +47,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
-from service import schemas
+from koala_client import models
 from service.auth import Auth, Caller
 from service.jobspec import UPLOAD_DIGEST, JobSpec, SpecError
 from service.problems import ProblemError
@@ -271,11 +271,11 @@ class UploadRow:
     def paths(self) -> list[str]:
         return [path for path, _ in self.files]
 
-    def file_list(self) -> list[schemas.UploadFile]:
-        return [schemas.UploadFile(path=path, size=size) for path, size in self.files]
+    def file_list(self) -> list[models.UploadFile]:
+        return [models.UploadFile(path=path, size=size) for path, size in self.files]
 
-    def to_schema(self, *, with_files: bool) -> schemas.Upload:
-        return schemas.Upload(
+    def to_schema(self, *, with_files: bool) -> models.Upload:
+        return models.Upload(
             digest=self.digest,
             size=self.size,
             unpacked_size=self.unpacked_size,
@@ -512,15 +512,15 @@ def _settings(request: Request) -> Settings:
 @router.post(
     "/v1/uploads",
     status_code=201,
-    response_model=schemas.Upload,
+    response_model=models.Upload,
     openapi_extra=PACK_BODY,
     responses={
-        200: {"model": schemas.Upload, "description": "This token had uploaded the same bytes before"},
-        403: {"model": schemas.Problem, "description": "This token may not upload code"},
-        413: {"model": schemas.Problem, "description": "The pack is larger than the server accepts"},
+        200: {"model": models.Upload, "description": "This token had uploaded the same bytes before"},
+        403: {"model": models.Problem, "description": "This token may not upload code"},
+        413: {"model": models.Problem, "description": "The pack is larger than the server accepts"},
     },
 )
-async def create_upload(request: Request, response: Response, who: Auth) -> schemas.Upload:
+async def create_upload(request: Request, response: Response, who: Auth) -> models.Upload:
     """Store a workload pack (a zip archive, the request body) for the caller; returns its digest, which a JobSpec
     names as `upload`. Checked before it is stored: size, entries, paths (relative, inside the pack), plain files."""
     settings = _settings(request)
@@ -557,18 +557,18 @@ async def create_upload(request: Request, response: Response, who: Auth) -> sche
     return row.to_schema(with_files=True)
 
 
-@router.get("/v1/uploads", response_model=list[schemas.Upload])
-def list_uploads(request: Request, who: Auth) -> list[schemas.Upload]:
+@router.get("/v1/uploads", response_model=list[models.Upload])
+def list_uploads(request: Request, who: Auth) -> list[models.Upload]:
     """The caller's uploads, newest first (without their file lists)."""
     return [row.to_schema(with_files=False) for row in _uploads(request).owned_by(owner_key(who.owner))]
 
 
-@router.get("/v1/uploads/limits", response_model=schemas.UploadLimits)
-def upload_limits(request: Request, who: Auth) -> schemas.UploadLimits:
+@router.get("/v1/uploads/limits", response_model=models.UploadLimits)
+def upload_limits(request: Request, who: Auth) -> models.UploadLimits:
     """Whether the caller may upload code, and the limits a pack must keep to."""
     settings = _settings(request)
     allowed = may_upload(who, settings)
-    return schemas.UploadLimits(
+    return models.UploadLimits(
         allowed=allowed,
         detail=None if allowed else FORBIDDEN,
         max_bytes=settings.max_upload_bytes,
@@ -578,8 +578,8 @@ def upload_limits(request: Request, who: Auth) -> schemas.UploadLimits:
     )
 
 
-@router.get("/v1/uploads/{digest}", response_model=schemas.Upload, responses={404: {"model": schemas.Problem}})
-def get_upload(request: Request, digest: Digest, who: Auth) -> schemas.Upload:
+@router.get("/v1/uploads/{digest}", response_model=models.Upload, responses={404: {"model": models.Problem}})
+def get_upload(request: Request, digest: Digest, who: Auth) -> models.Upload:
     """One of the caller's uploads, with its file list."""
     row = _uploads(request).get(owner_key(who.owner), digest)
     if row is None:
@@ -590,7 +590,7 @@ def get_upload(request: Request, digest: Digest, who: Auth) -> schemas.Upload:
 @router.delete(
     "/v1/uploads/{digest}",
     status_code=204,
-    responses={404: {"model": schemas.Problem}, 409: {"model": schemas.Problem, "description": "A job needs it"}},
+    responses={404: {"model": models.Problem}, 409: {"model": models.Problem, "description": "A job needs it"}},
 )
 def delete_upload(request: Request, digest: Digest, who: Auth) -> Response:
     """Delete one of the caller's uploads, unless a queued or running job of the caller needs it."""
@@ -632,14 +632,14 @@ def check_submission(uploads: Uploads, settings: Settings, who: Caller, spec: Jo
     uploads.touch(owner_key(who.owner), spec.upload)
 
 
-def job_upload(uploads: Uploads, job: JobRow) -> schemas.JobUpload | None:
+def job_upload(uploads: Uploads, job: JobRow) -> models.JobUpload | None:
     """The upload a job runs, with its file list while it is stored."""
     if job.upload is None:
         return None
     row = uploads.get(owner_key(job.owner), job.upload)
     if row is None:
-        return schemas.JobUpload(digest=job.upload)
-    return schemas.JobUpload(digest=job.upload, size=row.size, files=row.file_list())
+        return models.JobUpload(digest=job.upload)
+    return models.JobUpload(digest=job.upload, size=row.size, files=row.file_list())
 
 
 # ---- the job's driver ----------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
+from pydantic import BaseModel
+
 from koala_client import (
     KoalaAPIError,
     KoalaAuthError,
@@ -27,10 +29,8 @@ from koala_client import (
     KoalaNotFound,
     cli,
 )
+from koala_client.models import Event, Job, Report
 from koala_client.sdk import parse_sse
-from pydantic import BaseModel
-
-from service.schemas import Event, Job, Report
 
 BASE = "http://koala.test"
 Handler = Callable[[httpx.Request], httpx.Response]

@@ -22,11 +22,11 @@ from typing import Any
 import click
 import pytest
 import yaml
-from koala_client.cli import main as koala_cli
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from sqlalchemy.engine import make_url
 
+from koala_client.cli import main as koala_cli
 from service.jobspec import Limits
 from service.settings import Settings
 

@@ -19,8 +19,8 @@ import httpx
 import optuna
 import pytest
 import yaml
-from koala_client import KoalaClient
 
+from koala_client import KoalaClient
 from service.recorder import job_study_names, storage_for
 from service.store import Store
 from tests.conftest import LiveServer, free_port

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import yaml
-from koala_client import packing
 
+from koala_client import packing
 from service.store import Store
 from service.uploads import blobs
 from tests.conftest import LiveServer, kill_drivers

@@ -4,16 +4,7 @@ Importing the package loads only httpx, pydantic and PyYAML (no torch, Ray or Op
 that talks to a KOALA server.
 """
 
-from koala_client.sdk import (
-    KoalaAPIError,
-    KoalaAuthError,
-    KoalaClient,
-    KoalaConnectionError,
-    KoalaError,
-    KoalaNotFound,
-    KoalaPackError,
-)
-from service.schemas import (
+from koala_client.models import (
     JOB_STATES,
     TERMINAL_STATES,
     Event,
@@ -26,6 +17,15 @@ from service.schemas import (
     Upload,
     UploadLimits,
     WorkloadInfo,
+)
+from koala_client.sdk import (
+    KoalaAPIError,
+    KoalaAuthError,
+    KoalaClient,
+    KoalaConnectionError,
+    KoalaError,
+    KoalaNotFound,
+    KoalaPackError,
 )
 
 __all__ = [

@@ -33,8 +33,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from koala_client.models import JOB_STATES, Job, Upload
 from koala_client.sdk import KoalaClient, KoalaConnectionError, KoalaError, KoalaNotFound, load_spec
-from service.schemas import JOB_STATES, Job, Upload
 
 if TYPE_CHECKING:
     from service.store import Store

@@ -1,7 +1,7 @@
 """`KoalaClient`: the Python SDK of the KOALA service, a thin typed wrapper over `httpx.Client`.
 
 Every method maps to one endpoint of the HTTP API (docs/architecture.md "HTTP API") and returns the wire models of
-`service.schemas`, so callers get the same types the server validates against. Failures are `KoalaError`s: the
+`koala_client.models`, so callers get the same types the server validates against. Failures are `KoalaError`s: the
 server's problem+json becomes `KoalaAPIError` (with the offending field), an unreachable server becomes
 `KoalaConnectionError`.
 
@@ -31,7 +31,7 @@ import pydantic
 import yaml
 
 from koala_client import packing
-from service.schemas import (
+from koala_client.models import (
     TERMINAL_STATES,
     Event,
     Job,

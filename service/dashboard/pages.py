@@ -20,10 +20,10 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from koala_client.models import JOB_STATES
 from service.auth import SESSION_COOKIE, Caller, caller
 from service.problems import ProblemError
 from service.recorder import study_name
-from service.schemas import JOB_STATES
 from service.store import Store
 
 STATIC = Path(__file__).parent / "static"

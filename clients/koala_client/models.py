@@ -1,6 +1,7 @@
 """Request and response models of the HTTP API (docs/architecture.md "HTTP API"), shared by the service and the SDK.
 
-Only pydantic here: the SDK imports this module without pulling in torch, Ray or Optuna.
+They live in the client package so that the SDK installs alone (`koala-optim[client]`); the service imports them from
+here. Only pydantic: importing this module pulls in neither torch, Ray nor Optuna.
 """
 
 from __future__ import annotations
