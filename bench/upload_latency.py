@@ -120,7 +120,7 @@ def run_once(server: LiveServer, spec_file: Path, workload_dir: Path | None) -> 
     first_trial = min(e.at.timestamp() for e in events if e.kind == "trial" and e.data.get("state") == "running")
     first_epoch = min(e.at.timestamp() for e in events if e.kind == "epoch")
     timing = {"submitted": submitted, "first_trial": first_trial - started, "first_epoch": first_epoch - started}
-    # The driver's own account of the upload's steps (service/uploads.py logs them).
+    # The driver's own account of the upload's steps (service/upload_runtime.py logs them).
     log = (server.data_dir / "logs" / f"{job_id}.log").read_text(errors="replace")
     steps = {"ship": r"handed to Ray in ([0-9.]+) s", "check": r"checked on the cluster in ([0-9.]+) s"}
     for key, pattern in steps.items():

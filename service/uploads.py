@@ -1,4 +1,5 @@
-"""Workload code a client sends with its job: packs, their storage, the HTTP routes, and the driver's side.
+"""Workload code a client sends with its job: the stored packs, their owners and retention, the HTTP routes, and the
+permission to upload (the pack format: service/packs.py; the driver's side: service/upload_runtime.py).
 
 A pack is a zip archive of the client's workload directory, every entry under the directory's name
 (`my_workload/model.py`), so a job may name `workload: my_workload.model:MyWorkload` with `upload: sha256:...`
@@ -25,22 +26,12 @@ A pack is a zip archive of the client's workload directory, every entry under th
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
-import os
-import re
-import stat
 import tempfile
 import threading
-import time
-import zipfile
-import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
@@ -50,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from koala_client import models
 from service.auth import Auth, Caller
 from service.jobspec import UPLOAD_DIGEST, JobSpec, SpecError
+from service.packs import REQUIREMENTS, PackError, PackInfo, inspect_pack, mib, module_in, top_level
 from service.problems import ProblemError
 from service.settings import Settings
 from service.store import JobRow, Store, jobs, metadata
@@ -59,168 +51,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REQUIREMENTS = "requirements.txt"  # at the top of a pack (or of its directory): what it needs installed
-MAX_PATH = 1024  # characters of a path in a pack
-MAX_PART = 255  # characters of one path component
-MAX_REQUIREMENTS = 200  # requirement lines
 SPOOL_BYTES = 1 << 20  # an upload is held in memory up to this, then in a temporary file
 LINK_GRACE_SECONDS = 10.0  # a pack's bytes outlive its last owner by this much (an upload of them may be under way)
 ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
-CHUNK = 1 << 16
 
-
-def mib(size: float) -> str:
-    return f"{size / (1 << 20):.1f} MiB"
-
-
-# ---- packs ---------------------------------------------------------------------------------------------------------
-
-
-class PackError(ValueError):
-    """A pack this server does not accept (422), or cannot use."""
-
-
-@dataclass(frozen=True)
-class PackInfo:
-    """What a checked pack holds: its files as (path, size), their total size and its requirement lines."""
-
-    files: list[tuple[str, int]]
-    unpacked_size: int
-    requirements: list[str]
-
-
-def top_level(paths: list[str]) -> set[str]:
-    """The importable names at the top of a pack: its directories and its `.py` files (without the suffix)."""
-    names = set()
-    for path in paths:
-        first, _, rest = path.partition("/")
-        names.add(first if rest else first.removesuffix(".py") if first.endswith(".py") else "")
-    names.discard("")
-    return names
-
-
-def module_in(module: str, paths: list[str]) -> bool:
-    """Whether `module` ("package.module") is a file or a package (a directory with files) in a pack."""
-    base = module.replace(".", "/")
-    return f"{base}.py" in paths or any(path.startswith(f"{base}/") for path in paths)
-
-
-def _bad_name(name: str) -> str | None:
-    """Why `name` cannot be a path in a pack, or None."""
-    if not name:
-        return "is empty"
-    if len(name) > MAX_PATH:
-        return f"is longer than {MAX_PATH} characters"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "contains control characters"
-    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
-        return "is an absolute path (paths in a pack are relative to it)"
-    if "\\" in name:
-        return "contains a backslash (paths in a pack use /)"
-    parts = name.removesuffix("/").split("/")
-    if ".." in parts:
-        return "leaves the pack (`..`)"
-    if any(part in ("", ".") for part in parts):
-        return "is not a plain relative path (empty or `.` component)"
-    if any(len(part) > MAX_PART for part in parts):
-        return f"has a component longer than {MAX_PART} characters"
-    return None
-
-
-def _shown(name: str) -> str:
-    text = repr(name)
-    return text if len(text) <= 100 else f"{text[:97]}..."
-
-
-def inspect_pack(source: IO[bytes], *, max_files: int, max_unpacked_bytes: int) -> PackInfo:
-    """Check a pack (a seekable binary file) and say what it holds; PackError naming the first problem.
-
-    Accepted: a zip archive (stored or deflated, not encrypted) of at most `max_files` entries that unpack to at most
-    `max_unpacked_bytes`, holding regular files and directories only, at relative paths inside the pack, each file's
-    bytes matching its size and CRC (read here, bounded by the declared sizes)."""
-    try:
-        archive = zipfile.ZipFile(source)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        raise PackError(f"the upload is not a zip archive ({error})") from None
-    with archive:
-        entries = archive.infolist()
-        if len(entries) > max_files:
-            raise PackError(f"the pack has {len(entries)} entries; this server accepts at most {max_files}")
-        files: dict[str, zipfile.ZipInfo] = {}
-        listed: set[str] = set()  # directory entries
-        directories: set[str] = set()  # those and every file's parents
-        total = 0
-        for info in entries:
-            name = info.filename
-            problem = _bad_name(name)
-            if problem is not None:
-                raise PackError(f"{_shown(name)} {problem}")
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                raise PackError(f"{_shown(name)} is a symbolic link; a pack holds plain files only")
-            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-                raise PackError(f"{_shown(name)} is not a plain file or directory")
-            if info.flag_bits & 0x1:
-                raise PackError(f"{_shown(name)} is encrypted")
-            path = name.removesuffix("/")
-            if path in files or path in listed:
-                raise PackError(f"{_shown(path)} appears twice in the pack")
-            parents = path.split("/")[:-1]
-            directories.update("/".join(parents[: i + 1]) for i in range(len(parents)))
-            if info.is_dir():
-                listed.add(path)
-                directories.add(path)
-                continue
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise PackError(f"{_shown(name)} is compressed with method {info.compress_type}; use deflate")
-            files[path] = info
-            total += info.file_size
-            if total > max_unpacked_bytes:
-                raise PackError(f"the pack unpacks to more than {mib(max_unpacked_bytes)}, the most this server takes")
-        clash = sorted(set(files) & directories)
-        if clash:
-            raise PackError(f"{_shown(clash[0])} is both a file and a directory in the pack")
-        for path, info in files.items():
-            _read_checked(archive, info, path)
-        requirements = _requirements(archive, files)
-    return PackInfo(sorted((path, info.file_size) for path, info in files.items()), total, requirements)
-
-
-def _read_checked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> None:
-    """Read a file of the pack to its end (zipfile checks the CRC there), never more than its declared size."""
-    seen = 0
-    try:
-        with archive.open(info) as member:
-            while seen <= info.file_size and (chunk := member.read(CHUNK)):
-                seen += len(chunk)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, zlib.error) as error:
-        raise PackError(f"{_shown(path)} cannot be read from the pack ({error})") from None
-    if seen != info.file_size:
-        raise PackError(f"{_shown(path)} does not unpack to the size the pack declares")
-
-
-def _requirements(archive: zipfile.ZipFile, files: Mapping[str, zipfile.ZipInfo]) -> list[str]:
-    """The requirement lines of the pack's requirements.txt (at its top, or at the top of its one directory)."""
-    found = [path for path in files if path.count("/") <= 1 and path.rsplit("/", 1)[-1] == REQUIREMENTS]
-    if len(found) > 1:
-        raise PackError(f"the pack has several {REQUIREMENTS} files ({', '.join(sorted(found))}); keep one")
-    if not found:
-        return []
-    try:
-        text = archive.read(files[found[0]]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise PackError(f"{found[0]} is not UTF-8 text") from None
-    lines = []
-    for raw in text.splitlines():
-        line = raw.split(" #", 1)[0].strip()
-        if line and not line.startswith("#"):
-            lines.append(line)
-    if len(lines) > MAX_REQUIREMENTS:
-        raise PackError(f"{found[0]} lists {len(lines)} requirements; at most {MAX_REQUIREMENTS}")
-    return lines
-
-
-# ---- storage -------------------------------------------------------------------------------------------------------
 
 blobs = sa.Table(
     "koala_upload_blobs",
@@ -640,131 +474,3 @@ def job_upload(uploads: Uploads, job: JobRow) -> models.JobUpload | None:
     if row is None:
         return models.JobUpload(digest=job.upload)
     return models.JobUpload(digest=job.upload, size=row.size, files=row.file_list())
-
-
-# ---- the job's driver ----------------------------------------------------------------------------------------------
-
-
-class WorkloadCheckError(Exception):
-    """The job's uploaded workload cannot run: the message is the job's error."""
-
-
-def runtime_environment(store: Store, settings: Settings, spec: JobSpec, into: Path) -> dict[str, Any]:
-    """Ray's runtime environment for the job's workers: the job's pack, written to `into`, as their working
-    directory (and its requirements for pip, where the operator allows installs). The pack is read, never
-    unpacked or imported here."""
-    digest = spec.upload
-    if digest is None:
-        return {}
-    data = Uploads(store).data(digest)
-    if data is None:
-        raise WorkloadCheckError(
-            f"upload {digest} is no longer stored (deleted by its owner, or past its retention period); "
-            "submit the job again with the workload directory"
-        )
-    if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
-        raise WorkloadCheckError(f"the stored bytes of upload {digest} do not match its digest")
-    try:
-        info = inspect_pack(
-            io.BytesIO(data),
-            max_files=settings.max_upload_files,
-            max_unpacked_bytes=settings.max_upload_unpacked_bytes,
-        )
-    except PackError as error:
-        raise WorkloadCheckError(f"upload {digest} is not a pack this server accepts: {error}") from None
-    if info.requirements and not settings.allow_package_installs:
-        raise WorkloadCheckError(
-            f"upload {digest} has a {REQUIREMENTS}, and this server does not install packages "
-            "(KOALA_ALLOW_PACKAGE_INSTALLS)"
-        )
-    into.mkdir(parents=True, exist_ok=True)
-    pack = into / f"workload-{digest.removeprefix('sha256:')[:16]}.zip"
-    pack.write_bytes(data)
-    # A local zip archive: Ray uploads it to the cluster as it is and unpacks it, top directory kept, on each node.
-    environment: dict[str, Any] = {"working_dir": str(pack)}
-    if info.requirements:
-        environment["pip"] = {"packages": info.requirements, "pip_check": False}
-    return environment
-
-
-def connect_with(environment: Mapping[str, Any]) -> None:
-    """Connect this driver to Ray (the cluster in RAY_ADDRESS, else a local Ray started for the job) with
-    `environment` as the runtime environment of every worker of the job."""
-    import ray
-
-    if ray.is_initialized():
-        raise WorkloadCheckError("this driver was connected to Ray before the job's workload could be shipped with it")
-    address = os.environ.get("RAY_ADDRESS")
-    try:
-        # "local": never attach to a cluster some earlier `ray start` left recorded on this machine.
-        ray.init(
-            address=address or "local",
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-            runtime_env=dict(environment),
-        )
-    except Exception as error:
-        raise WorkloadCheckError(f"cannot ship the uploaded workload to Ray: {type(error).__name__}: {error}") from None
-
-
-def check_workload(spec: JobSpec, timeout: float) -> JobSpec:
-    """Check the job's uploaded workload in a short Ray task under the job's runtime environment (so on whichever
-    node runs it, from the pack Ray shipped there); returns the spec knowing the workload's metrics. Raises
-    WorkloadCheckError with the reason (import error, not a Workload, bad config, unknown metric)."""
-    import ray
-    from ray.exceptions import GetTimeoutError, RayError, RuntimeEnvSetupError
-
-    from service.workload_check import inspect_workload
-
-    task = ray.remote(num_cpus=0, max_retries=0)(inspect_workload)
-    ref = task.remote(spec.workload, dict(spec.workload_config), spec.metric)
-    try:
-        answer = ray.get(ref, timeout=timeout)
-    except GetTimeoutError:
-        ray.cancel(ref, force=True)
-        raise WorkloadCheckError(
-            f"checking the uploaded workload on the cluster took more than {timeout:g} s (KOALA_UPLOAD_CHECK_SECONDS)"
-        ) from None
-    except RuntimeEnvSetupError as error:
-        raise WorkloadCheckError(f"the Ray nodes could not set up the uploaded workload: {_tail(error)}") from None
-    except RayError as error:
-        raise WorkloadCheckError(f"checking the uploaded workload failed: {_tail(error)}") from None
-    result = _parse_answer(answer)
-    if "error" in result:
-        raise WorkloadCheckError(f"the uploaded workload {spec.workload} cannot run: {result['error']}")
-    return spec.with_checked_workload(result["metric"], result["modes"])
-
-
-def _parse_answer(answer: object) -> dict[str, Any]:
-    try:
-        result = json.loads(answer) if isinstance(answer, str) else None
-    except ValueError:
-        result = None
-    if isinstance(result, dict) and isinstance(result.get("error"), str):
-        return {"error": result["error"][:2000]}
-    if isinstance(result, dict) and isinstance(result.get("metric"), str) and isinstance(result.get("modes"), dict):
-        modes = result["modes"]
-        if result["metric"] in modes and all(isinstance(k, str) and v in ("max", "min") for k, v in modes.items()):
-            return result
-    raise WorkloadCheckError("the check of the uploaded workload gave an answer this driver does not understand")
-
-
-def _tail(error: BaseException, limit: int = 2000) -> str:
-    text = f"{type(error).__name__}: {error}".strip()
-    return text if len(text) <= limit else f"...{text[-limit:]}"
-
-
-def prepare_job(store: Store, settings: Settings, spec: JobSpec, into: Path) -> JobSpec:
-    """For a job with an upload: connect this driver to Ray with the pack as the job's runtime environment, and
-    check an uploaded workload on the cluster. Returns the spec to run (knowing the workload's metrics); raises
-    WorkloadCheckError. Ray stays connected for the run (the caller shuts it down)."""
-    started = time.monotonic()
-    connect_with(runtime_environment(store, settings, spec, into))
-    shipped = time.monotonic()
-    log.info("upload %s handed to Ray in %.2f s", spec.upload, shipped - started)
-    if not spec.uploaded_workload:
-        return spec
-    checked = check_workload(spec, settings.upload_check_seconds)
-    log.info("workload %s checked on the cluster in %.2f s", spec.workload, time.monotonic() - shipped)
-    return checked

@@ -55,7 +55,7 @@ from service.retry import DatabaseUnavailableError, retry
 from service.scheduler import STANDBY_FLAG, STANDBY_READY, remove_scratch, scratch_dir
 from service.settings import Settings
 from service.store import FencedError, Store
-from service.uploads import WorkloadCheckError, prepare_job
+from service.upload_runtime import WorkloadCheckError, prepare_job
 
 log = logging.getLogger("service.worker")
 T = TypeVar("T")

@@ -1,5 +1,5 @@
 """The check of an uploaded workload, run as a short Ray task where the job's pack is unpacked (see
-service/uploads.py). A module of its own, importing nothing beyond the standard library until it runs, so the Ray
+service/upload_runtime.py). A module of its own, importing nothing beyond the standard library until it runs, so the Ray
 worker that runs it pays only for the workload's own imports."""
 
 from __future__ import annotations

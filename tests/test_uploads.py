@@ -524,8 +524,10 @@ def test_the_job_page_shows_the_upload_and_its_files(tmp_path: Path) -> None:
 
 def test_requirements_go_to_rays_pip_environment_only_where_installs_are_allowed(tmp_path: Path) -> None:
     from service.jobspec import JobSpec
+    from service.packs import PackInfo, inspect_pack
     from service.settings import Settings
-    from service.uploads import PackInfo, Uploads, WorkloadCheckError, inspect_pack, runtime_environment
+    from service.upload_runtime import WorkloadCheckError, runtime_environment
+    from service.uploads import Uploads
 
     store = Store(f"sqlite:///{tmp_path / 'koala.db'}")
     try:
