@@ -92,10 +92,7 @@ class KalmanLab(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         o, f = self.o, self.f
-        values = torch.as_tensor(loss).detach().to(torch.float64)
-        if o["unit"] == "leading" and values.dim() > 1:
-            values = values.reshape(values.shape[0], -1).mean(1)
-        values = values.reshape(-1)
+        values = self._samples(loss)
         big_l = float(values.mean())
         params = self._params()
         if not params or not math.isfinite(big_l):
@@ -104,34 +101,68 @@ class KalmanLab(torch.optim.Optimizer):
             f.update(s=o["s0"] + o["q"], r=1.0, t=0.0, fstar=0.0, smooth=big_l, low=big_l, qx=o["q"])
         lr = params[0][1]
         f["t"] += 1
-        t = f["t"]
-
-        # Target and gap.
-        if o["target"] == "zero":
-            target = (1 - lr) * big_l
-            gap = lr * big_l
-        else:
-            target = f["fstar"]
-            gap = lr * max(big_l - target, 0.0)
-
-        # Measurement noise.
-        if o["noise"] == "m2":
-            measured = float(values.square().mean())
-        elif o["noise"] == "target":
-            measured = float((values - target).square().mean())
-        elif o["noise"] == "variance":
-            measured = float(values.var()) if values.numel() > 1 else 0.0
-        elif o["noise"] == "mean-noise":  # the variance of the minibatch mean, var / B
-            measured = float(values.var()) / values.numel() if values.numel() > 1 else 0.0
-        else:
-            raise ValueError(o["noise"])
-        nd = o["noise_decay"]
-        f["r"] = nd * f["r"] + (1 - nd) * measured
+        target, gap = self._target_and_gap(lr, big_l)
+        f["r"] = o["noise_decay"] * f["r"] + (1 - o["noise_decay"]) * self._measured_noise(values, target)
         r = max(f["r"], 1e-30)
+        shapes, dirs, grads = self._directions(params, f["t"])
+        big_gs = [float((g * d * g).sum()) for g, d in zip(grads, shapes, strict=True)]
+        updated = [float(p.grad.norm()) >= THRESHOLD for p, _, _ in params]
+        if not any(updated):
+            return loss
+        g_star, decrease, rms = self._update(params, (shapes, dirs, grads), big_gs, updated, gap, r)
+        self._update_floor(big_l, decrease)
+        self._predict(r, g_star)
+        if self.trace is not None:
+            self.trace.append(
+                dict(
+                    t=f["t"],
+                    L=big_l,
+                    gap=gap,
+                    R=r,
+                    s=f["s"],
+                    G=g_star,
+                    Gsum=sum(big_gs),
+                    fstar=f["fstar"],
+                    decrease=decrease,
+                    var=float(values.var()) if values.numel() > 1 else 0.0,
+                    rms_min=min(rms),
+                    rms_max=max(rms),
+                )
+            )
+        return loss
 
-        # Directions and metric.
+    def _samples(self, loss: Any) -> Tensor:
+        """The per-sample losses l_j, flat, per `unit`."""
+        values = torch.as_tensor(loss).detach().to(torch.float64)
+        if self.o["unit"] == "leading" and values.dim() > 1:
+            values = values.reshape(values.shape[0], -1).mean(1)
+        return values.reshape(-1)
+
+    def _target_and_gap(self, lr: float, big_l: float) -> tuple[float, float]:
+        if self.o["target"] == "zero":
+            return (1 - lr) * big_l, lr * big_l
+        target = self.f["fstar"]
+        return target, lr * max(big_l - target, 0.0)
+
+    def _measured_noise(self, values: Tensor, target: float) -> float:
+        noise = self.o["noise"]
+        if noise == "m2":
+            return float(values.square().mean())
+        if noise == "target":
+            return float((values - target).square().mean())
+        if noise == "variance":
+            return float(values.var()) if values.numel() > 1 else 0.0
+        if noise == "mean-noise":  # the variance of the minibatch mean, var / B
+            return float(values.var()) / values.numel() if values.numel() > 1 else 0.0
+        raise ValueError(noise)
+
+    def _directions(
+        self, params: list[tuple[Tensor, float, float]], t: float
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per block: the normalised diagonal shape D_b, the direction u_b and the (decayed) gradient g_b."""
+        o = self.o
         beta1, beta2 = o["beta1"], o["beta2"]
-        shapes, dirs, sq = [], [], []
+        shapes, dirs, grads = [], [], []
         for p, _, lam in params:
             g = p.grad.to(torch.float64)
             if lam:
@@ -153,25 +184,36 @@ class KalmanLab(torch.optim.Optimizer):
                 u = g
             shapes.append(d)
             dirs.append(u)
-            sq.append(g)
-        if o["normalise"] == "tensor":
-            shapes = [d / d.mean() for d in shapes]
-        elif o["normalise"] == "global":
-            mean = sum(float(d.sum()) for d in shapes) / sum(d.numel() for d in shapes)
-            shapes = [d / mean for d in shapes]
-        elif o["normalise"] == "tensor-rms":  # mean(1 / D_b) = 1: robust to entries that never see a gradient
-            shapes = [d * (1 / d).mean() for d in shapes]
-        elif o["normalise"] == "global-rms":
-            mean = sum(float((1 / d).sum()) for d in shapes) / sum(d.numel() for d in shapes)
-            shapes = [d * mean for d in shapes]
-        elif o["normalise"] != "none":
-            raise ValueError(o["normalise"])
-        big_gs = [float((g * d * g).sum()) for g, d in zip(sq, shapes, strict=True)]
-        updated = [float(p.grad.norm()) >= THRESHOLD for p, _, _ in params]
-        if not any(updated):
-            return loss
+            grads.append(g)
+        return self._normalised(shapes), dirs, grads
 
-        s = f["s"]
+    def _normalised(self, shapes: list[Tensor]) -> list[Tensor]:
+        how = self.o["normalise"]
+        if how == "tensor":
+            return [d / d.mean() for d in shapes]
+        if how == "global":
+            mean = sum(float(d.sum()) for d in shapes) / sum(d.numel() for d in shapes)
+            return [d / mean for d in shapes]
+        if how == "tensor-rms":  # mean(1 / D_b) = 1: robust to entries that never see a gradient
+            return [d * (1 / d).mean() for d in shapes]
+        if how == "global-rms":
+            mean = sum(float((1 / d).sum()) for d in shapes) / sum(d.numel() for d in shapes)
+            return [d * mean for d in shapes]
+        if how != "none":
+            raise ValueError(how)
+        return shapes
+
+    def _update(
+        self,
+        params: list[tuple[Tensor, float, float]],
+        blocks: tuple[list[Tensor], list[Tensor], list[Tensor]],
+        big_gs: list[float],
+        updated: list[bool],
+        gap: float,
+        r: float,
+    ) -> tuple[float, float, list[float]]:
+        """Move every updated block by its gain; returns G*, the linear model's decrease and the steps' RMS."""
+        o, s, lr = self.o, self.f["s"], params[0][1]
         if o["innovation"] == "block":
             innovations = [s * gb + r for gb in big_gs]
             g_star = max(gb for gb, u in zip(big_gs, updated, strict=True) if u)
@@ -181,7 +223,7 @@ class KalmanLab(torch.optim.Optimizer):
             g_star = total
         decrease = 0.0
         rms: list[float] = []
-        for (p, _, lam), d, u, g, inn, up in zip(params, shapes, dirs, sq, innovations, updated, strict=True):
+        for (p, _, lam), d, u, g, inn, up in zip(params, *blocks, innovations, updated, strict=True):
             if not up:
                 continue
             l2 = 0.5 * lam * float(p.to(torch.float64).square().sum()) if lam else 0.0
@@ -192,8 +234,11 @@ class KalmanLab(torch.optim.Optimizer):
             if self.trace is not None:
                 rms.append(float(delta.square().mean().sqrt()))
             p.sub_(delta.to(p.dtype))
+        return g_star, decrease, rms
 
-        # Lower-bound estimate of the attainable loss (target != "zero").
+    def _update_floor(self, big_l: float, decrease: float) -> None:
+        """The lower-bound estimate of the attainable loss (target != "zero")."""
+        o, f = self.o, self.f
         fd = o["floor_decay"]
         f["smooth"] = fd * f["smooth"] + (1 - fd) * big_l
         f["low"] = min(f["low"], f["smooth"])
@@ -206,28 +251,11 @@ class KalmanLab(torch.optim.Optimizer):
         elif o["target"] != "zero":
             raise ValueError(o["target"])
 
-        # Covariance update and predict.
-        s = s * r / (s * g_star + r)
-        if o["q_mode"] == "constant":
-            q = o["q"]
-        else:
+    def _predict(self, r: float, g_star: float) -> None:
+        """Covariance update, then predict: s <- s R / (s G* + R) / fading + q."""
+        o, f = self.o, self.f
+        if o["q_mode"] != "constant":
             raise ValueError(o["q_mode"])
-        f["s"] = s / o["fading"] + q
-        if self.trace is not None:
-            self.trace.append(
-                dict(
-                    t=t,
-                    L=big_l,
-                    gap=gap,
-                    R=r,
-                    s=f["s"],
-                    G=g_star,
-                    Gsum=sum(big_gs),
-                    fstar=f["fstar"],
-                    decrease=decrease,
-                    var=float(values.var()) if values.numel() > 1 else 0.0,
-                    rms_min=min(rms),
-                    rms_max=max(rms),
-                )
-            )
-        return loss
+        s = f["s"]
+        s = s * r / (s * g_star + r)
+        f["s"] = s / o["fading"] + o["q"]
