@@ -7,6 +7,7 @@ at a chosen byte, a job whose state changes on cue. The end-to-end tests against
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -575,3 +576,106 @@ def test_serve_passes_host_port_and_workers(monkeypatch: pytest.MonkeyPatch) -> 
     result = CliRunner().invoke(cli.main, ["serve", "--host", "0.0.0.0", "--port", "8123", "--workers", "3"])
     assert result.exit_code == 0, result.output
     assert calls == [("0.0.0.0", 8123, 3)]
+
+
+# ---- without the service installed ---------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# What the `service` and `optim` extras add to a client install (tests/test_client_install.py checks a real one).
+SERVICE_PACKAGES = frozenset(
+    {"torch", "numba", "ray", "optuna", "fastapi", "uvicorn", "sqlalchemy", "alembic", "pydantic_settings", "psycopg"}
+    | {"plotly", "optuna_dashboard", "a2wsgi"}
+)
+# Runs the `koala` command line with some packages made unimportable, as in an install that lacks them; prints, on
+# stderr at exit, which of the project's server-side packages were imported.
+WITHOUT = """
+import atexit, importlib.abc, json, sys
+blocked = set(json.loads(sys.argv[1]))
+
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Missing())
+loaded = lambda: sorted({m.partition(".")[0] for m in sys.modules} & {"service", "koala", "torch", "ray", "optuna"})
+atexit.register(lambda: print("loaded:", json.dumps(loaded()), file=sys.stderr))
+from koala_client.cli import main
+main(sys.argv[2:], prog_name="koala")
+"""
+
+
+def koala_without(
+    blocked: set[str] | frozenset[str], *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run `koala ARGS` in a fresh interpreter where the `blocked` packages cannot be imported; returns the process
+    and the server-side packages it imported."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KOALA_")} | (env or {})
+    command = [sys.executable, "-c", WITHOUT, json.dumps(sorted(blocked)), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment, cwd=ROOT)
+    marker = [line for line in result.stderr.splitlines() if line.startswith("loaded: ")]
+    assert marker, result.stderr
+    return result, json.loads(marker[-1].removeprefix("loaded: "))
+
+
+@pytest.mark.parametrize(
+    ("args", "missing"),
+    [
+        (["serve"], None),
+        (["run", "examples/digits.yaml"], None),
+        (["dashboard"], None),
+        (["token", "create"], "sqlalchemy"),
+        (["token", "list"], "sqlalchemy"),
+        (["token", "revoke", "ci"], "sqlalchemy"),
+    ],
+)
+def test_service_commands_without_the_service_say_what_to_install(
+    tmp_path: Path, args: list[str], missing: str | None
+) -> None:
+    result, _ = koala_without(SERVICE_PACKAGES, *args, env={"KOALA_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    message = "error: this command runs the service: install koala-optim[service] (missing module: "
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    name = result.stderr.partition(message)[2].partition(")")[0]
+    assert name.partition(".")[0] in ({missing} if missing else SERVICE_PACKAGES)
+    assert not list(tmp_path.iterdir())  # nothing was started or written
+
+
+def test_remote_commands_import_neither_service_nor_optimizer(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    spec = _write(tmp_path / "job.yaml", "workload: digits-mlp\nepochs: 1\noptimizers: [{name: sgd}]\n")
+    workload = tmp_path / "my_workload"
+    workload.mkdir()
+    (workload / "model.py").write_text("X = 1\n")
+    commands = [
+        ["jobs"],
+        ["watch", "j1"],
+        ["results", "j1", "--plot", str(tmp_path / "curves.png")],
+        ["cancel", "j1"],
+        ["workloads"],
+        ["optimizers"],
+        ["submit", str(spec), "--workload-dir", str(workload)],
+        ["uploads", "list"],
+        ["uploads", "show", "ab"],
+        ["uploads", "add", str(workload)],
+        ["uploads", "delete", "ab"],
+    ]
+    for args in commands:
+        result, loaded = koala_without(SERVICE_PACKAGES | {"service", "koala"}, *args, "--url", url)
+        assert result.returncode == 2, (args, result.stderr)  # no server there: the client itself got that far
+        assert "cannot reach" in result.stderr or url in result.stderr, (args, result.stderr)
+        assert loaded == [], args
+
+
+def test_token_commands_do_not_load_the_optimizer(tmp_path: Path) -> None:
+    """Creating a token writes one row: it needs the store, not torch, Ray or Optuna."""
+    url = f"sqlite:///{tmp_path / 'koala.db'}"
+    env = {"KOALA_DATABASE_URL": url}
+    created, loaded = koala_without({"torch", "ray", "optuna", "koala"}, "token", "create", "--name", "ci", env=env)
+    assert created.returncode == 0, created.stderr
+    assert loaded == ["service"]
+    listed, _ = koala_without({"torch", "ray", "optuna", "koala"}, "token", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "ci" in listed.stdout

@@ -321,12 +321,31 @@ def test_constraints_pin_every_dependency() -> None:
             assert re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.]+", line), line
             name, _, version = line.partition("==")
             pins[canonicalize_name(name)] = version
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for spec in project["dependencies"] + project["optional-dependencies"]["service"]:
-        requirement = Requirement(spec)
+    requirements = service_requirements()
+    assert {"torch", "httpx", "click", "ray", "fastapi"} <= {canonicalize_name(r.name) for r in requirements}
+    for requirement in requirements:
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is not pinned in docker/constraints.txt"
-        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {spec}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {requirement}"
+
+
+def service_requirements() -> list[Requirement]:
+    """What `pip install .[service]` asks for: the base dependencies and the service extra, with the project's own
+    extras it names (`koala-optim[optim,client]`) expanded."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    own = canonicalize_name(project["name"])
+    found: list[Requirement] = []
+    pending = [Requirement(spec) for spec in project["dependencies"]] + [Requirement(f"{own}[service]")]
+    seen: set[str] = set()
+    while pending:
+        requirement = pending.pop()
+        if canonicalize_name(requirement.name) != own:
+            found.append(requirement)
+            continue
+        for extra in sorted(requirement.extras - seen):
+            seen.add(extra)
+            pending.extend(Requirement(spec) for spec in project["optional-dependencies"][extra])
+    return found
 
 
 # ---- the entry point ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The KOALA client: the Python SDK (`KoalaClient`) and the `koala` command line.
 
 Importing the package loads only httpx, pydantic and PyYAML (no torch, Ray or Optuna), so the SDK suits any process
-that talks to a KOALA server.
+that talks to a KOALA server; `pip install "koala-optim[client]"` installs it, and the command line's remote
+commands, without the service's dependencies.
 """
 
 from koala_client.models import (

@@ -4,9 +4,13 @@
 progress, then prints the report and writes it as JSON plus a PNG of the learning curves. `koala serve` runs the
 service; the other commands talk to it through the SDK (`KoalaClient`), reading KOALA_URL and KOALA_TOKEN.
 
+The commands that talk to a server need only the client (`koala-optim[client]`): this module imports nothing from
+`service` or `koala` at module level. The commands that run the service (`run`, `serve`, `dashboard`, `token`) import
+it when they start, and without its packages exit 1 saying to install `koala-optim[service]`.
+
 Machine-readable output (job ids, states, tokens, tables, JSON) goes to stdout, messages and progress to stderr, so
-`JOB=$(koala submit job.yaml)` works. Exit codes: 0 success, 1 an error from the server (or a failed job), 2 the
-server cannot be reached, 3 the watched job was cancelled, 130 interrupted.
+`JOB=$(koala submit job.yaml)` works. Exit codes: 0 success, 1 an error from the server (or a failed job, or the
+service not installed), 2 the server cannot be reached, 3 the watched job was cancelled, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -53,6 +57,21 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("KOALA_DATA_DIR") or Path.home() / ".koala").expanduser()
 
 
+SERVICE_EXTRA = "koala-optim[service]"
+
+
+@contextmanager
+def service_imports() -> Iterator[None]:
+    """Around the imports of a command that runs the service: a missing package (a client-only install) becomes one
+    line naming it and the extra to install, and exit code 1, instead of a traceback. Only the imports are inside, so
+    a module missing later (a user's workload, say) still raises as itself."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        _error(f"this command runs the service: install {SERVICE_EXTRA} (missing module: {error.name})")
+        sys.exit(1)
+
+
 @click.group()
 def main() -> None:
     """KOALA: compare the hyperparameter-free KOALA optimizer with tuned baselines."""
@@ -65,10 +84,11 @@ def main() -> None:
 @click.option("--job-id", help="Job id (studies are named job-{id}/{optimizer}) [default: a new random id]")
 def run(spec_file: Path, database_url: str | None, out_dir: Path | None, job_id: str | None) -> None:
     """Run the comparison in SPEC_FILE (YAML or JSON) here, without a server."""
-    from service.engine import TrialEvent, run_job
-    from service.jobspec import SpecError, load_jobspec
-    from service.recorder import Recorder, storage_for
-    from service.report import build_report
+    with service_imports():
+        from service.engine import TrialEvent, run_job
+        from service.jobspec import SpecError, load_jobspec
+        from service.recorder import Recorder, storage_for
+        from service.report import build_report
 
     try:
         spec = load_jobspec(spec_file)
@@ -125,7 +145,8 @@ def make_client(url: str | None, token: str | None) -> KoalaClient:
 
 
 def _error(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}")
+    # One line, however long: the terminal wraps it, and a log or `grep` gets it whole.
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
 
 
 @contextmanager
@@ -182,7 +203,8 @@ def serve(host: str, port: int, workers: int) -> None:
 
     Bound to anything but loopback it needs API tokens (`koala token create`), and refuses to start without.
     """
-    from service.app import serve as serve_app
+    with service_imports():
+        from service.app import serve as serve_app
 
     serve_app(host=host, port=port, workers=workers)
 
@@ -196,14 +218,15 @@ def dashboard(host: str, port: int) -> None:
     It has no login of its own, so it binds loopback addresses only. `koala serve` also serves it, at /optuna, behind
     the API's tokens.
     """
-    import optuna_dashboard
-    import uvicorn
-    from a2wsgi import WSGIMiddleware
-    from sqlalchemy.engine import make_url
+    with service_imports():
+        import optuna_dashboard
+        import uvicorn
+        from a2wsgi import WSGIMiddleware
+        from sqlalchemy.engine import make_url
 
-    from service.auth import is_loopback
-    from service.recorder import storage_for
-    from service.settings import Settings
+        from service.auth import is_loopback
+        from service.recorder import storage_for
+        from service.settings import Settings
 
     if not is_loopback(host):
         _error(
@@ -434,11 +457,12 @@ def token() -> None:
 def _token_store() -> Iterator[Store]:
     """The server's store, migrated (the first token may come before the first `koala serve`); database errors
     exit with a message naming the database."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
+    with service_imports():  # the store and the settings only: no torch, Ray or Optuna for one row
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import SQLAlchemyError
 
-    from service.settings import Settings
-    from service.store import Store
+        from service.settings import Settings
+        from service.store import Store
 
     url = Settings().database_url
     try:
