@@ -1,6 +1,6 @@
 """Throughput and overhead of the service on a two-node Ray cluster with PostgreSQL, all on this host.
 
-The topology of docker/compose.yaml without Docker (tests/topology.py): a fresh PostgreSQL database, a Ray head and
+The topology of docker/compose.yaml without Docker (service/testing.py): a fresh PostgreSQL database, a Ray head and
 a second Ray node on 127.0.0.1 (1 CPU each, `ray start` processes), and `koala serve` whose job driver joins that
 cluster through RAY_ADDRESS. One job of `--trials` near-zero-work trials (noisy quadratic, dimension 2, one tiny
 epoch, one CPU each, 2 at once) runs through the HTTP API while `--pollers` clients each GET /v1/jobs/{id} every
@@ -36,10 +36,10 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import LiveServer, kill_drivers
-from tests.topology import LoopbackCluster, temporary_database
+from service.testing import LiveServer, LoopbackCluster, kill_drivers, temporary_database
 
 CONCURRENCY = 2
+JOB_TIMEOUT = 3600  # seconds, far above any --trials this bench is run with
 
 
 def job_spec(trials: int) -> dict[str, Any]:
@@ -103,12 +103,15 @@ def run_job(server: LiveServer, trials: int, pollers: int, interval: float) -> d
     with httpx.Client(base_url=server.url, timeout=30) as client:
         submitted = time.perf_counter()
         job = client.post("/v1/jobs", json=job_spec(trials)).json()
+        deadline = time.monotonic() + JOB_TIMEOUT
         with Poller(server.url, job["id"], pollers, interval) as poller:
             while (state := client.get(f"/v1/jobs/{job['id']}").json())["state"] not in {
                 "succeeded",
                 "failed",
                 "cancelled",
             }:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job['id']} still {state['state']} after {JOB_TIMEOUT} s")
                 time.sleep(0.5)
         end_to_end = time.perf_counter() - submitted
         if state["state"] != "succeeded":

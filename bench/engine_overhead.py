@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.engine import run_job
 from service.jobspec import JobSpec, Limits
 from service.recorder import Recorder, job_study_names, storage_for
-from tests.conftest import LiveServer
+from service.testing import LiveServer
 
 DIGITS_JOB = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
 
+FIRST_TRIAL_TIMEOUT = 600  # seconds; a first trial normally starts within a few
 TINY_WORKLOAD = {"workload": "noisy-quadratic", "workload_config": {"dimension": 2, "samples_per_epoch": 32}}
 
 
@@ -90,7 +92,12 @@ def time_to_first_trial(database: str) -> float:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         storage = storage_for(database)
         first = None
+        deadline = time.monotonic() + FIRST_TRIAL_TIMEOUT
         while process.poll() is None and first is None:
+            if time.monotonic() > deadline:
+                process.send_signal(signal.SIGINT)  # `koala run` stops its local Ray on the way out
+                process.wait(timeout=120)
+                raise TimeoutError(f"`koala run` started no trial within {FIRST_TRIAL_TIMEOUT} s")
             time.sleep(0.05)
             names = job_study_names(storage, "first") if Path(database.removeprefix("sqlite:///")).exists() else []
             if names and optuna.load_study(study_name=names[0], storage=storage).trials:

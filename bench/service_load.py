@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.jobspec import JobSpec
 from service.recorder import Recorder, job_study_names, storage_for
 from service.store import Store, events, jobs
-from tests.conftest import LiveServer
+from service.testing import LiveServer
 
 SPEC = {
     "name": "load",

@@ -1,6 +1,6 @@
 """What shipping a workload with its job costs: time from `koala submit` to the first trial, uploaded vs installed.
 
-Everything on this host: a two-node loopback Ray cluster (tests/topology.py, 1 CPU per node), `koala serve` on
+Everything on this host: a two-node loopback Ray cluster (service/testing.py, 1 CPU per node), `koala serve` on
 loopback whose job drivers join it, the `koala` command line as the user runs it. The workload is the example
 (examples/custom_workload, a tiny regression MLP); the job is 2 seeds of SGD, 1 epoch each, 1 CPU per trial.
 
@@ -38,8 +38,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import LiveServer, kill_drivers
-from tests.topology import LoopbackCluster
+from service.testing import LiveServer, LoopbackCluster, kill_drivers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +92,9 @@ def settle(server: LiveServer, timeout: float = 60.0) -> None:
     after the previous job took the last one."""
     standby = server.data_dir / "standby"
     deadline = time.monotonic() + timeout
-    while standby.is_dir() and not list(standby.glob("*/*/ready")) and time.monotonic() < deadline:
+    while standby.is_dir() and not list(standby.glob("*/*/ready")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no standby driver of {server.url} was ready within {timeout:g} s")
         time.sleep(0.2)
     time.sleep(1.0)
 

@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from tests.conftest import LiveServer
+from tests.helpers import Factory
 
 EXAMPLES_PER_OPERATION = 30  # x 11 operations, fewer where the input space is small
 
 
-def test_no_server_errors(server_factory: Callable[..., LiveServer]) -> None:
+def test_no_server_errors(server_factory: Factory) -> None:
     server = server_factory(run_scheduler="false")  # submitted jobs stay queued: this checks the API, not training
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -10,20 +10,17 @@ processes, one per node), and `koala serve` whose job drivers join that cluster 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
-from tests.test_service import assert_each_planned_trial_once, tiny_spec, wait_for
-from tests.topology import LoopbackCluster, RayNode
+from service.testing import LoopbackCluster, RayNode
+from tests.helpers import Factory, assert_each_planned_trial_once, tiny_spec, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
-Factory = Callable[..., LiveServer]
 # Epochs long enough (0.4-1 s each on one core) that trials overlap and can be interrupted, few enough to be quick.
 QUADRATIC = {"workload": "noisy-quadratic", "workload_config": {"dimension": 100, "samples_per_epoch": 32768}}
 
@@ -84,12 +81,13 @@ def test_a_node_killed_mid_trial_is_survived(
     }
     with server.client() as client:
         job = client.post("/v1/jobs", json=spec).json()
-        deadline = time.monotonic() + 240
         # Two trials past their first epoch (so each has a checkpoint): with one CPU per node, one of them runs on
         # the worker node.
-        while sum(t["state"] == "running" and t["epochs_done"] >= 1 for t in trials_of(client, job["id"])) < 2:
-            assert time.monotonic() < deadline, trials_of(client, job["id"])
-            time.sleep(0.2)
+        wait_until(
+            lambda: sum(t["state"] == "running" and t["epochs_done"] >= 1 for t in trials_of(client, job["id"])) >= 2,
+            240,
+            "two trials did not get past their first epoch at once",
+        )
         cluster.kill(worker)
         done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
         assert done["state"] == "succeeded", done
@@ -99,10 +97,13 @@ def test_a_node_killed_mid_trial_is_survived(
     assert all(sorted(int(epoch) for epoch in t["metrics"]) == list(range(1, epochs + 1)) for t in trials)
     # The trial the worker node was running finished on the head, the only node left.
     assert {t["node"] for t in trials} == {head.node_id}
-    deadline = time.monotonic() + 90  # Ray marks a node dead once its heartbeats have been missing for a while
-    while (alive := [node["NodeID"] for node in cluster.describe()]) != [head.node_id]:
-        assert time.monotonic() < deadline, alive
-        time.sleep(2)
+    # Ray marks a node dead once its heartbeats have been missing for a while.
+    wait_until(
+        lambda: [node["NodeID"] for node in cluster.describe()] == [head.node_id],
+        90,
+        f"Ray still lists the killed worker node {worker.node_id}",
+        interval=2,
+    )
     assert_each_planned_trial_once(postgres_url, job["id"], spec)
 
 

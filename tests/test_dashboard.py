@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -23,11 +22,9 @@ from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Locator
 
 from service.recorder import storage_for
 from service.store import Store
-from tests.conftest import LiveServer
-from tests.test_service import tiny_spec, wait_for
+from tests.helpers import Factory, tiny_spec, wait_for, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
-Factory = Callable[..., LiveServer]
 
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install chromium"),
@@ -130,10 +127,7 @@ def test_dashboard_shows_jobs_live_and_cancels(
         finished = client.post("/v1/jobs", json=finished_spec).json()["id"]
         running = client.post("/v1/jobs", json=long_spec).json()["id"]
         assert wait_for(client, finished, {"succeeded", "failed", "cancelled"})["state"] == "succeeded"
-        deadline = time.monotonic() + 120
-        while not trials_running(client, running):
-            assert time.monotonic() < deadline, "the long job never reached its first epoch"
-            time.sleep(0.5)
+        wait_until(lambda: trials_running(client, running), 120, "the long job never reached its first epoch", 0.5)
         report = client.get(f"/v1/jobs/{finished}/results").json()
         trials = client.get(f"/v1/jobs/{finished}/trials").json()
 

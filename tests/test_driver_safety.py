@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import optuna
 import pytest
 import sqlalchemy as sa
@@ -32,18 +31,20 @@ from service.retry import DatabaseUnavailableError, is_transient, retry
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.store import FencedError, Store
-from tests.conftest import LiveServer
-from tests.test_service import (
+from service.testing import LiveServer
+from tests.helpers import (
+    ENDED,
     LONGER_DIGITS,
     Factory,
     assert_each_planned_trial_once,
     driver_pid,
+    state_events,
     studies_trials,
     tiny_spec,
     wait_for,
+    wait_until,
 )
 
-ENDED = {"succeeded", "failed", "cancelled"}
 pytest_slow = pytest.mark.slow
 
 
@@ -64,21 +65,8 @@ def process_gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
-def state_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
-    text = client.get(f"/v1/jobs/{job_id}/events").text
-    events = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
-    return [e["data"] for e in events if e["kind"] == "state"]
-
-
 def scratch_paths(server: LiveServer, job_id: str) -> list[Path]:
     return [server.data_dir / "tune" / job_id, server.data_dir / "drivers" / job_id]
-
-
-def wait_until(condition: Any, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.2)
 
 
 # ---- 1. fencing: a paused driver taken for dead never doubles its replacement -----------------------------------

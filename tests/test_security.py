@@ -6,7 +6,6 @@ tokens, revocation is immediate, ownerless jobs are for admins, and one token ca
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,23 +17,10 @@ import pytest
 import sqlalchemy as sa
 
 from service.store import Store, sessions
-from tests.conftest import LiveServer
-from tests.test_service import tiny_spec
+from service.testing import LiveServer
+from tests.helpers import create_token, koala_cli, start_server, tiny_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
-
-def start_server(root: Path, name: str, **settings: str) -> LiveServer:
-    """A `koala serve` on loopback with its own data directory, run from `root/name/cwd` (the scheduler is off
-    unless asked for: these tests look at what the API accepts)."""
-    data_dir = root / name
-    cwd = data_dir / "cwd"
-    cwd.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "RAY_ADDRESS"))}
-    env.update({"KOALA_DATA_DIR": str(data_dir), "KOALA_DATABASE_URL": f"sqlite:///{data_dir / 'koala.db'}"})
-    env.update({"KOALA_RUN_SCHEDULER": "false", "KOALA_SCHEDULER_SECONDS": "0.5", "KOALA_TOKEN_CACHE_SECONDS": "0"})
-    env.update({f"KOALA_{key.upper()}": value for key, value in settings.items()})
-    return LiveServer(data_dir, env, cwd=cwd).start()
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +28,6 @@ def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     server = start_server(tmp_path_factory.mktemp("open"), "server")
     yield server
     server.stop()
-
-
-def create_token(server: LiveServer, *args: str) -> str:
-    """`koala token create ARGS` against the server's database; returns the token."""
-    result = koala(server, "token", "create", *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-def koala(server: LiveServer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "koala_client.cli", *args],
-        env={**server.env, "KOALA_URL": server.url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +270,7 @@ def test_secure_cookie_behind_a_trusted_tls_proxy(tmp_path: Path) -> None:
 
 def test_token_list_and_revoke_take_effect_at_once(token_server: tuple[LiveServer, dict[str, str]]) -> None:
     server, tokens = token_server
-    listed = koala(server, "token", "list")
+    listed = koala_cli(server, "token", "list")
     assert listed.returncode == 0, listed.stderr
     assert "mallory" in listed.stdout
     assert "root" in listed.stdout
@@ -310,13 +279,13 @@ def test_token_list_and_revoke_take_effect_at_once(token_server: tuple[LiveServe
     session_id = login(server, tokens["mallory"]).cookies["koala_session"]
     with server.client(tokens["mallory"]) as mallory:
         assert mallory.get("/v1/jobs").status_code == 200
-        revoked = koala(server, "token", "revoke", "mallory")
+        revoked = koala_cli(server, "token", "revoke", "mallory")
         assert revoked.returncode == 0, revoked.stderr
         problem(mallory.get("/v1/jobs"), 401)  # no grace period
     with httpx.Client(base_url=server.url, cookies={"koala_session": session_id}) as browser:
         problem(browser.get("/v1/jobs"), 401)
-    assert "revoked" in koala(server, "token", "list").stdout
-    missing = koala(server, "token", "revoke", "nobody")
+    assert "revoked" in koala_cli(server, "token", "list").stdout
+    missing = koala_cli(server, "token", "revoke", "nobody")
     assert missing.returncode == 1
     assert "nobody" in missing.stderr
 

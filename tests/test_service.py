@@ -10,91 +10,27 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import optuna
 import pytest
 import yaml
 
 from koala_client import KoalaClient
-from service.recorder import job_study_names, storage_for
 from service.store import Store
-from tests.conftest import LiveServer, free_port
-
-TINY_DIGITS = {"batch_size": 32, "hidden": 16, "limit_train": 256}
-Factory = Callable[..., LiveServer]
-
-
-def tiny_spec(**changes: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "name": "tiny digits",
-        "workload": "digits-mlp",
-        "workload_config": TINY_DIGITS,
-        "epochs": 2,
-        "seeds": 2,
-        "max_concurrent_trials": 2,
-        "optimizers": [
-            {"name": "koala-v"},
-            {"name": "sgd", "params": {"lr": 0.1}},
-            {"name": "adam", "search": {"lr": {"low": 1e-3, "high": 1e-1, "log": True}}, "trials": 2},
-        ],
-    }
-    spec.update(changes)
-    return spec
-
-
-def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout: float = 240) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] in states:
-            return job  # type: ignore[no-any-return]
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} still {job['state']} after {timeout} s")
-
-
-def studies_trials(database_url: str, job_id: str) -> dict[str, list[optuna.trial.FrozenTrial]]:
-    storage = storage_for(database_url)
-    try:
-        return {
-            name.split("/", 1)[1]: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-            for name in job_study_names(storage, job_id)
-        }
-    finally:
-        storage.engine.dispose()  # type: ignore[attr-defined]  # (an RDBStorage) no pooled connection outlives it
-
-
-def assert_each_planned_trial_once(database_url: str, job_id: str, spec: dict[str, Any]) -> None:
-    """Every planned (optimizer, phase, seed) slot appears exactly once, and nothing is left RUNNING."""
-    trials = studies_trials(database_url, job_id)
-    seeds = spec["seeds"]
-    for entry in spec["optimizers"]:
-        found = trials[entry["name"]]
-        assert not [t for t in found if t.state == optuna.trial.TrialState.RUNNING]
-        # Trials without a phase were asked by a driver killed before it attributed them: closed, never run.
-        orphans = [t for t in found if "phase" not in t.user_attrs]
-        assert all(t.user_attrs["reason"] == "interrupted before it started" for t in orphans)
-        slots = Counter((t.user_attrs["phase"], t.user_attrs["seed"]) for t in found if t not in orphans)
-        expected = Counter({("eval", seed): 1 for seed in range(seeds)})
-        if "trials" in entry:
-            expected[("tune", 0)] = entry["trials"]
-        assert slots == expected, entry["name"]
-
-
-def driver_pid(server: LiveServer, job_id: str) -> int:
-    store = Store(server.database_url)
-    try:
-        job = store.get_job(job_id)
-        assert job is not None
-        assert job.driver_pid is not None
-        return job.driver_pid
-    finally:
-        store.close()
-
+from service.testing import LiveServer, free_port
+from tests.helpers import (
+    ENDED,
+    LONGER_DIGITS,
+    Factory,
+    assert_each_planned_trial_once,
+    driver_pid,
+    koala_cli,
+    tiny_spec,
+    wait_for,
+    wait_until,
+)
 
 # ---- validation, idempotency, paging (no job runs: the scheduler is off) -----------------------------------------
 
@@ -178,6 +114,7 @@ def test_pagination_and_state_filter(api: LiveServer) -> None:
             page = client.get("/v1/jobs", params=params).json()
             seen += [job["id"] for job in page["jobs"]]
             pages += 1
+            assert pages <= len(ids), f"paging did not end after {pages} pages"
             cursor = page["next_cursor"]
             if cursor is None:
                 break
@@ -279,10 +216,11 @@ def test_cancel_a_running_job(server_factory: Factory) -> None:
     spec = tiny_spec(epochs=200, seeds=2, optimizers=[{"name": "sgd", "params": {"lr": 0.05}}])
     with server.client() as client:
         job = client.post("/v1/jobs", json=spec).json()
-        deadline = time.monotonic() + 120
-        while not any(t["epochs_done"] >= 1 for t in client.get(f"/v1/jobs/{job['id']}/trials").json()):
-            assert time.monotonic() < deadline, "no trial reached its first epoch"
-            time.sleep(0.3)
+        wait_until(
+            lambda: any(t["epochs_done"] >= 1 for t in client.get(f"/v1/jobs/{job['id']}/trials").json()),
+            120,
+            "no trial reached its first epoch",
+        )
         asked = time.monotonic()
         assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelling"
         done = wait_for(client, job["id"], {"cancelled", "failed", "succeeded"}, timeout=60)
@@ -298,14 +236,14 @@ def submit_and_wait_for_trials(client: httpx.Client, spec: dict[str, Any], done:
     """Submit `spec` and return once `done` of its trials have finished (the job still running)."""
     job: dict[str, Any] = client.post("/v1/jobs", json=spec).json()
     wait_for(client, job["id"], {"running"})
-    while (now := client.get(f"/v1/jobs/{job['id']}").json())["trials_done"] < done:
+
+    def finished_enough() -> bool:
+        now = client.get(f"/v1/jobs/{job['id']}").json()
         assert now["state"] == "running", now
-        time.sleep(0.2)
+        return bool(now["trials_done"] >= done)
+
+    wait_until(finished_enough, 240, f"{done} trials of job {job['id']} did not finish")
     return job
-
-
-# Long enough (a few seconds per trial) that a job is still running when a test interrupts it.
-LONGER_DIGITS = {**TINY_DIGITS, "limit_train": 1024}
 
 
 @pytest_slow
@@ -318,7 +256,7 @@ def test_api_killed_mid_job_then_restarted(server_factory: Factory) -> None:
     time.sleep(2)
     server.start()
     with server.client() as client:
-        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"})
+        done = wait_for(client, job["id"], ENDED)
     assert done["state"] == "succeeded", done
     assert done["attempts"] == 1  # the driver was never restarted
     assert done["trials_done"] == done["trials_total"] == 8
@@ -332,7 +270,7 @@ def test_killed_driver_is_resumed(server_factory: Factory) -> None:
     with server.client() as client:
         job = submit_and_wait_for_trials(client, spec, done=2)
         os.kill(driver_pid(server, job["id"]), signal.SIGKILL)
-        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"})
+        done = wait_for(client, job["id"], ENDED)
         assert done["state"] == "succeeded", done
         assert done["attempts"] == 2
         trials = client.get(f"/v1/jobs/{job['id']}/trials").json()
@@ -349,10 +287,13 @@ def test_driver_that_keeps_dying_fails_the_job_with_a_reason(server_factory: Fac
     spec = tiny_spec(epochs=200, seeds=2, optimizers=[{"name": "sgd", "params": {"lr": 0.05}}])
     with server.client() as client:
         job = client.post("/v1/jobs", json=spec).json()
-        while not any(t["state"] == "running" for t in client.get(f"/v1/jobs/{job['id']}/trials").json()):
-            time.sleep(0.3)
+        wait_until(
+            lambda: any(t["state"] == "running" for t in client.get(f"/v1/jobs/{job['id']}/trials").json()),
+            120,
+            "no trial started running",
+        )
         os.kill(driver_pid(server, job["id"]), signal.SIGKILL)
-        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=60)
+        done = wait_for(client, job["id"], ENDED, timeout=60)
         assert done["state"] == "failed"
         assert "driver died" in done["error"]
         trials = client.get(f"/v1/jobs/{job['id']}/trials").json()
@@ -362,13 +303,6 @@ def test_driver_that_keeps_dying_fails_the_job_with_a_reason(server_factory: Fac
 
 
 # ---- the main path: the CLI submits, the SDK follows, both read the results ---------------------------------------
-
-
-def koala_cli(server: LiveServer, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**server.env, "KOALA_URL": server.url}
-    return subprocess.run(
-        [sys.executable, "-m", "koala_client.cli", *args], env=env, capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest_slow

@@ -18,9 +18,17 @@ import httpx
 import pytest
 
 from service.ray_head import head_directory, read_state
-from tests.conftest import LiveServer
-from tests.test_driver_safety import ENDED, state_events, wait_until
-from tests.test_service import LONGER_DIGITS, Factory, assert_each_planned_trial_once, tiny_spec, wait_for
+from service.testing import LiveServer
+from tests.helpers import (
+    ENDED,
+    LONGER_DIGITS,
+    Factory,
+    assert_each_planned_trial_once,
+    state_events,
+    tiny_spec,
+    wait_for,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 HEAD_STOPPED = "the service's Ray head stopped; resuming"

@@ -12,8 +12,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
-import time
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -26,11 +24,9 @@ import yaml
 
 from koala_client import packing
 from service.store import Store
+from service.testing import LiveServer, LoopbackCluster, RayNode, kill_drivers, server_environment
 from service.uploads import blobs
-from tests.conftest import LiveServer, kill_drivers
-from tests.test_security import create_token, start_server
-from tests.test_service import wait_for
-from tests.topology import LoopbackCluster, RayNode
+from tests.helpers import create_token, koala_cli, start_server, wait_for, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -67,23 +63,6 @@ def spec(path: Path, workload_name: str = "my_workload.model:TinyRegression", **
     body.update(changes)
     path.write_text(yaml.safe_dump(body))
     return path
-
-
-def cli(
-    server: LiveServer, *args: str, token: str | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**server.env, "KOALA_URL": server.url}
-    env.pop("KOALA_TOKEN", None)
-    if token is not None:
-        env["KOALA_TOKEN"] = token
-    return subprocess.run(
-        [sys.executable, "-m", "koala_client.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
 
 
 def stderr_of(result: subprocess.CompletedProcess[str]) -> str:
@@ -175,7 +154,7 @@ def test_uploading_code_needs_a_permission_an_operator_grants(
     server, tokens = api
     root = workload(tmp_path)
     job = spec(tmp_path / "job.yaml")
-    refused = cli(server, "submit", str(job), "--workload-dir", str(root), token=tokens["carol"])
+    refused = koala_cli(server, "submit", str(job), "--workload-dir", str(root), token=tokens["carol"])
     assert refused.returncode == 1
     assert "koala token create --allow-uploads" in stderr_of(refused)
     assert "KOALA_ALLOW_UPLOADS=true" in stderr_of(refused)
@@ -184,7 +163,7 @@ def test_uploading_code_needs_a_permission_an_operator_grants(
         assert response.status_code == 403
         assert "--allow-uploads" in response.json()["detail"]
         assert carol.get("/v1/uploads/limits").json()["allowed"] is False
-    listed = cli(server, "token", "list").stdout.splitlines()
+    listed = koala_cli(server, "token", "list").stdout.splitlines()
     assert "allowed" in next(line for line in listed if " alice " in line)
     assert "allowed" not in next(line for line in listed if " carol " in line)
 
@@ -192,7 +171,7 @@ def test_uploading_code_needs_a_permission_an_operator_grants(
     everyone = start_server(tmp_path, "everyone", allow_uploads="true")
     try:
         plain = create_token(everyone, "--name", "plain")
-        added = cli(everyone, "uploads", "add", str(root), token=plain)
+        added = koala_cli(everyone, "uploads", "add", str(root), token=plain)
         assert added.returncode == 0, added.stderr
         assert added.stdout.strip() == packing.pack(root).digest
     finally:
@@ -205,15 +184,15 @@ def test_the_same_bytes_are_stored_once_and_each_owner_sees_only_its_own(
     server, tokens = api
     root = workload(tmp_path, "shared_workload")
     before = stored_packs(server)
-    first = cli(server, "uploads", "add", str(root), token=tokens["alice"])
+    first = koala_cli(server, "uploads", "add", str(root), token=tokens["alice"])
     assert first.returncode == 0, first.stderr
     digest = first.stdout.strip()
     assert digest.startswith("sha256:")
     assert "uploaded" in stderr_of(first)
-    again = cli(server, "uploads", "add", str(root), token=tokens["alice"])
+    again = koala_cli(server, "uploads", "add", str(root), token=tokens["alice"])
     assert again.stdout.strip() == digest
     assert "already on the server" in stderr_of(again)
-    bob = cli(server, "uploads", "add", str(root), token=tokens["bob"])
+    bob = koala_cli(server, "uploads", "add", str(root), token=tokens["bob"])
     assert bob.stdout.strip() == digest
     assert "uploaded" in stderr_of(bob)
     assert stored_packs(server) == before + 1  # two owners, one copy
@@ -223,17 +202,17 @@ def test_the_same_bytes_are_stored_once_and_each_owner_sees_only_its_own(
         assert mallory.get(f"/v1/uploads/{digest}").status_code == 404
         assert mallory.delete(f"/v1/uploads/{digest}").status_code == 404
     job = spec(tmp_path / "job.yaml", "shared_workload.model:TinyRegression", upload=digest)
-    stolen = cli(server, "submit", str(job), token=tokens["mallory"])
+    stolen = koala_cli(server, "submit", str(job), token=tokens["mallory"])
     assert stolen.returncode == 1
     assert f"no upload {digest}" in stderr_of(stolen)
 
     # `koala uploads list|show|delete`; deleting bob's leaves alice's.
-    shown = cli(server, "uploads", "show", digest[7:19], token=tokens["bob"])
+    shown = koala_cli(server, "uploads", "show", digest[7:19], token=tokens["bob"])
     assert "shared_workload/model.py" in shown.stdout
-    deleted = cli(server, "uploads", "delete", digest[7:19], token=tokens["bob"])
+    deleted = koala_cli(server, "uploads", "delete", digest[7:19], token=tokens["bob"])
     assert deleted.returncode == 0, deleted.stderr
-    assert digest not in cli(server, "uploads", "list", token=tokens["bob"]).stdout
-    assert digest in cli(server, "uploads", "list", token=tokens["alice"]).stdout
+    assert digest not in koala_cli(server, "uploads", "list", token=tokens["bob"]).stdout
+    assert digest in koala_cli(server, "uploads", "list", token=tokens["alice"]).stdout
 
 
 def test_a_pack_over_the_size_limit_is_refused(api: tuple[LiveServer, dict[str, str]], tmp_path: Path) -> None:
@@ -241,15 +220,15 @@ def test_a_pack_over_the_size_limit_is_refused(api: tuple[LiveServer, dict[str, 
     root = workload(tmp_path, "heavy_workload")
     (root / "weights.bin").write_bytes(os.urandom(100_000))
     job = spec(tmp_path / "job.yaml", "heavy_workload.model:TinyRegression")
-    before = cli(server, "uploads", "list", token=tokens["alice"]).stdout
-    refused = cli(server, "submit", str(job), "--workload-dir", str(root), token=tokens["alice"])
+    before = koala_cli(server, "uploads", "list", token=tokens["alice"]).stdout
+    refused = koala_cli(server, "submit", str(job), "--workload-dir", str(root), token=tokens["alice"])
     assert refused.returncode == 1
     assert "too large to upload: the server accepts 0.1 MiB" in stderr_of(refused)
     assert "weights.bin" in stderr_of(refused)
-    assert cli(server, "uploads", "list", token=tokens["alice"]).stdout == before  # nothing was sent
+    assert koala_cli(server, "uploads", "list", token=tokens["alice"]).stdout == before  # nothing was sent
     big = tmp_path / "big.zip"
     big.write_bytes(zip_bytes([("heavy/weights.bin", os.urandom(100_000), None)]))
-    assert cli(server, "uploads", "add", str(big), token=tokens["alice"]).returncode == 1
+    assert koala_cli(server, "uploads", "add", str(big), token=tokens["alice"]).returncode == 1
 
     # The server enforces it too: by Content-Length, and while a body without one streams in.
     with server.client(tokens["alice"]) as alice:
@@ -286,7 +265,7 @@ def test_a_hostile_pack_is_refused_with_the_reason(
     archive = tmp_path / "pack.zip"
     archive.write_bytes(zip_bytes(entries))
     before = stored_packs(server)
-    refused = cli(server, "uploads", "add", str(archive), token=tokens["alice"])
+    refused = koala_cli(server, "uploads", "add", str(archive), token=tokens["alice"])
     assert refused.returncode == 1
     assert message in stderr_of(refused)
     assert stored_packs(server) == before
@@ -306,7 +285,7 @@ def test_a_job_naming_an_upload_is_checked_without_importing_it(
     marker = tmp_path / "imported-by.jsonl"
     root = workload(tmp_path, "marked_workload", marker=marker)
     job_file = spec(tmp_path / "job.yaml", "marked_workload.model:TinyRegression")
-    submitted = cli(server, "submit", str(job_file), "--workload-dir", str(root), token=tokens["alice"])
+    submitted = koala_cli(server, "submit", str(job_file), "--workload-dir", str(root), token=tokens["alice"])
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     digest = packing.pack(root).digest
@@ -334,17 +313,17 @@ def test_a_job_naming_an_upload_is_checked_without_importing_it(
 
     # A pack with requirements.txt, on a server that does not install packages.
     (root / "requirements.txt").write_text("# what it needs\nscikit-learn>=1.5\n")
-    needs = cli(server, "submit", str(job_file), "--workload-dir", str(root), token=tokens["alice"])
+    needs = koala_cli(server, "submit", str(job_file), "--workload-dir", str(root), token=tokens["alice"])
     assert needs.returncode == 1
     assert "KOALA_ALLOW_PACKAGE_INSTALLS=true" in stderr_of(needs)
     (root / "requirements.txt").unlink()
 
     # A queued job keeps its upload; once it has ended the upload may go.
-    in_use = cli(server, "uploads", "delete", digest, token=tokens["alice"])
+    in_use = koala_cli(server, "uploads", "delete", digest, token=tokens["alice"])
     assert in_use.returncode == 1
     assert f"job(s) {job_id} still need" in stderr_of(in_use)
-    assert cli(server, "cancel", job_id, token=tokens["alice"]).stdout.strip() == "cancelled"
-    assert cli(server, "uploads", "delete", digest, token=tokens["alice"]).returncode == 0
+    assert koala_cli(server, "cancel", job_id, token=tokens["alice"]).stdout.strip() == "cancelled"
+    assert koala_cli(server, "uploads", "delete", digest, token=tokens["alice"]).returncode == 0
     assert not marker.exists()  # nothing above imported the uploaded code
 
 
@@ -352,16 +331,17 @@ def test_an_upload_is_deleted_after_the_retention_period(tmp_path: Path) -> None
     server = start_server(tmp_path, "retention", run_scheduler="true", upload_retention_seconds="1")
     try:
         root = workload(tmp_path)
-        added = cli(server, "uploads", "add", str(root))  # an open server on loopback allows uploads
+        added = koala_cli(server, "uploads", "add", str(root))  # an open server on loopback allows uploads
         assert added.returncode == 0, added.stderr
-        assert added.stdout.strip() in cli(server, "uploads", "list").stdout
-        deadline = time.monotonic() + 40
-        while "no uploads" not in cli(server, "uploads", "list").stderr:
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
-        while stored_packs(server):  # the bytes follow a few seconds later
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        assert added.stdout.strip() in koala_cli(server, "uploads", "list").stdout
+        wait_until(
+            lambda: "no uploads" in koala_cli(server, "uploads", "list").stderr,
+            40,
+            "the upload was still listed after its retention period",
+            interval=0.5,
+        )
+        # The bytes follow a few seconds later.
+        wait_until(lambda: not stored_packs(server), 20, "the pack's bytes were not deleted", interval=0.5)
     finally:
         server.stop()
 
@@ -377,17 +357,7 @@ def cluster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[L
     with LoopbackCluster() as cluster:
         head = cluster.add_node("a", num_cpus=1)
         worker = cluster.add_node("b", num_cpus=1)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "RAY_ADDRESS"))}
-        env.update(cluster.env)
-        env.update(
-            {
-                "KOALA_DATA_DIR": str(root),
-                "KOALA_DATABASE_URL": f"sqlite:///{root / 'koala.db'}",
-                "KOALA_SCHEDULER_SECONDS": "0.5",
-                "KOALA_MAX_CONCURRENT_JOBS": "3",
-                "KOALA_UPLOAD_RETENTION_SECONDS": "10",
-            }
-        )
+        env = server_environment(root, env=cluster.env, max_concurrent_jobs=3, upload_retention_seconds=10)
         server = LiveServer(root, env).start()
         try:
             yield server, head, worker
@@ -410,7 +380,7 @@ def test_an_uploaded_workload_runs_on_both_nodes_and_is_imported_only_there(
         seeds=4,
         resources={"cpu": 1},
     )
-    submitted = cli(server, "submit", str(job_file), "--workload-dir", str(root), "--watch")
+    submitted = koala_cli(server, "submit", str(job_file), "--workload-dir", str(root), "--watch")
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[0]
     with server.client() as client:
@@ -449,10 +419,12 @@ def test_an_uploaded_workload_runs_on_both_nodes_and_is_imported_only_there(
 
     # Kept while its job ran; deleted with it once the retention period (10 s) has passed.
     digest = job["upload"]["digest"]
-    deadline = time.monotonic() + 60
-    while digest in cli(server, "uploads", "list").stdout:
-        assert time.monotonic() < deadline
-        time.sleep(1)
+    wait_until(
+        lambda: digest not in koala_cli(server, "uploads", "list").stdout,
+        60,
+        f"upload {digest} outlived its 10 s retention period",
+        interval=1,
+    )
 
 
 @pytest.mark.slow
@@ -477,11 +449,11 @@ def test_a_broken_upload_fails_its_job_with_the_reason(
     jobs = []
     for i, (directory, name, config, message) in enumerate(cases):
         job_file = spec(tmp_path / f"job{i}.yaml", name, workload_config={**TINY, **config})
-        submitted = cli(server, "submit", str(job_file), "--workload-dir", str(directory))
+        submitted = koala_cli(server, "submit", str(job_file), "--workload-dir", str(directory))
         assert submitted.returncode == 0, submitted.stderr
         jobs.append((submitted.stdout.strip(), message))
     for job_id, message in jobs:
-        watched = cli(server, "watch", job_id)
+        watched = koala_cli(server, "watch", job_id)
         assert watched.returncode == 1
         assert message in stderr_of(watched), (message, watched.stderr)
         with server.client() as client:
@@ -498,7 +470,7 @@ def test_the_job_page_shows_the_upload_and_its_files(tmp_path: Path) -> None:
     server = start_server(tmp_path, "page")  # open, on loopback; the scheduler is off: the job stays queued
     try:
         root = workload(tmp_path)
-        submitted = cli(server, "submit", str(spec(tmp_path / "job.yaml")), "--workload-dir", str(root))
+        submitted = koala_cli(server, "submit", str(spec(tmp_path / "job.yaml")), "--workload-dir", str(root))
         assert submitted.returncode == 0, submitted.stderr
         job_id = submitted.stdout.strip()
         digest = packing.pack(root).digest

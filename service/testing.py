@@ -1,13 +1,15 @@
-"""The scale-out topology on one host: a fresh PostgreSQL database, and a real multi-node Ray cluster of one
-`ray start --block` process per node, all on 127.0.0.1.
+"""Real processes on loopback, for tests and benchmarks: a `koala serve` on a free port with its own data directory
+(`LiveServer`), a fresh PostgreSQL database (`temporary_database`), and a multi-node Ray cluster of one
+`ray start --block` process per node (`LoopbackCluster`), all on 127.0.0.1. Shipped with the service the way
+`ray.cluster_utils` and `fastapi.testclient` ship with theirs; nothing here imports pytest.
 
-Every node gets its own ports (so two raylets can share the host) and its own directory under one private temp
+Every Ray node gets its own ports (so two raylets can share the host) and its own directory under one private temp
 root, which is how its processes are found again: killing a node kills the `ray start` process group and every
 process whose command line names that node's directory (Ray's workers run in process groups of their own). Nothing
 outside the root is touched, so other Ray instances on the machine are left alone.
 
-Token authentication is on, with a token of this cluster's own (RAY_AUTH_TOKEN), so the cluster neither reads nor
-writes the user's ~/.ray/auth_token. `cluster.env` is what a driver needs to join: RAY_ADDRESS and the token.
+The cluster's token authentication is on, with a token of its own (RAY_AUTH_TOKEN), so it neither reads nor writes
+the user's ~/.ray/auth_token. `cluster.env` is what a driver needs to join: RAY_ADDRESS and the token.
 """
 
 from __future__ import annotations
@@ -23,13 +25,125 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 RAY = str(Path(sys.executable).with_name("ray"))
 POSTGRES_URL = os.environ.get("KOALA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    """A `koala serve` process. Its job drivers run in their own sessions and outlive it, as in production."""
+
+    data_dir: Path
+    env: dict[str, str]
+    host: str = "127.0.0.1"
+    port: int = 0
+    cwd: Path | None = None  # the server's working directory (default: the test's)
+    process: subprocess.Popen[bytes] | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def database_url(self) -> str:
+        return self.env["KOALA_DATABASE_URL"]
+
+    def start(self, timeout: float = 90) -> LiveServer:
+        """Start the server on a free port and wait until /healthz answers; RuntimeError if it exits first."""
+        self.port = free_port()
+        log = self.data_dir / f"server-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "koala_client.cli", "serve", "--host", self.host, "--port", str(self.port)],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.cwd,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"koala serve at {self.url} did not answer /healthz within {timeout} s:\n{log.read_text()}")
+
+    def kill(self) -> None:
+        """kill -9 the API process (not its job drivers)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        """SIGINT the API process, as an operator would; kill -9 after 15 s."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def log_text(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in self.logs)
+
+
+def server_environment(
+    data_dir: Path, database_url: str | None = None, env: Mapping[str, str] | None = None, **settings: Any
+) -> dict[str, str]:
+    """The environment of a `koala serve` on `data_dir`: this process's, less every KOALA_* variable and RAY_ADDRESS
+    (so the server runs its own Ray head unless `env` names a cluster), with the data directory, the database (by
+    default SQLite in the data directory), a 0.5 s scheduler tick, `settings` as KOALA_<NAME> and `env` on top."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "RAY_ADDRESS"))}
+    environment["KOALA_DATA_DIR"] = str(data_dir)
+    environment["KOALA_DATABASE_URL"] = database_url or f"sqlite:///{data_dir / 'koala.db'}"
+    environment["KOALA_SCHEDULER_SECONDS"] = "0.5"
+    environment.update({f"KOALA_{key.upper()}": str(value) for key, value in settings.items()})
+    environment.update(env or {})
+    return environment
+
+
+def kill_drivers(database_url: str) -> None:
+    """Kill every job driver (with the local Ray it started) recorded in the database."""
+    import sqlalchemy as sa
+
+    from service.store import Store, jobs
+
+    store = Store(database_url)
+    try:
+        with store.engine.connect() as db:
+            pids = [pid for (pid,) in db.execute(sa.select(jobs.c.driver_pid).where(jobs.c.driver_pid.is_not(None)))]
+    except sa.exc.OperationalError:
+        pids = []
+    finally:
+        store.close()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # a driver leads its own process group
 
 
 class PostgresUnavailableError(RuntimeError):
@@ -60,14 +174,10 @@ def temporary_database(server_url: str = POSTGRES_URL) -> Iterator[str]:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class RayNode:
+    """One `ray start --block` process of a LoopbackCluster; `node_id` is filled in once the cluster lists it."""
+
     name: str
     directory: Path
     process: subprocess.Popen[bytes]
@@ -194,7 +304,7 @@ class LoopbackCluster:
                     return
             if time.monotonic() > deadline:
                 logs = "\n".join(n.log.read_text(errors="replace")[-2000:] for n in self.nodes)
-                raise RuntimeError(f"the cluster did not come up within {timeout} s:\n{logs}")
+                raise TimeoutError(f"the cluster did not list all of its nodes within {timeout} s:\n{logs}")
             time.sleep(1)
 
     def _pids_of(self, node: RayNode) -> set[int]:
@@ -221,6 +331,8 @@ class LoopbackCluster:
         """Kill every node (workers first, then the head) and remove the temp root; leaves no Ray process behind."""
         for node in reversed(self.nodes):
             self.kill(node)
+        # Bounded: this runs on the way out of a `with` (raising here would hide the error that ended it); callers
+        # that must know assert `leftover_pids() == set()` afterwards.
         deadline = time.monotonic() + 10
         while any(self._pids_of(node) for node in self.nodes) and time.monotonic() < deadline:
             for node in self.nodes:
