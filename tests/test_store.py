@@ -16,12 +16,12 @@ import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from service import store as store_module
-from service.engine import JobSearcher
 from service.jobspec import JobSpec
 from service.recorder import Recorder, close_running, job_study_names, storage_for, study_name
 from service.report import build_report
-from service.store import BadCursorError, IdempotencyConflictError, Store, api_tokens, body_hash
+from service.searcher import JobSearcher
+from service.store import BadCursorError, IdempotencyConflictError, JobRow, Store, api_tokens, body_hash, job_store
+from service.store.tables import MIGRATIONS
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -47,7 +47,7 @@ def storage(database_url: str) -> Iterator[optuna.storages.RDBStorage]:
     rdb.engine.dispose()
 
 
-def new_job(store: Store, name: str = "job", owner: str | None = None, **kwargs: Any) -> store_module.JobRow:
+def new_job(store: Store, name: str = "job", owner: str | None = None, **kwargs: Any) -> JobRow:
     job, created = store.create_job(
         {"workload": "digits-mlp", "name": name},
         name=name,
@@ -76,7 +76,7 @@ def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     config = Config()
-    config.set_main_option("script_location", str(Path(store_module.__file__).parent / "migrations"))
+    config.set_main_option("script_location", str(MIGRATIONS))
     head = ScriptDirectory.from_config(config).get_current_head()
     assert head is not None
     return head
@@ -151,9 +151,9 @@ def test_idempotency_keys(store: Store) -> None:
 def test_list_pages_with_a_cursor_even_when_creation_times_tie(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = []
     for i in range(5):  # one second apart; jobs 1 and 3 belong to token "a", the others to nobody (open mode)
-        monkeypatch.setattr(store_module, "now", lambda i=i: datetime(2030, 1, 1, 0, 0, i, tzinfo=UTC))
+        monkeypatch.setattr(job_store, "now", lambda i=i: datetime(2030, 1, 1, 0, 0, i, tzinfo=UTC))
         ids.append(new_job(store, f"job {i}", owner="a" if i % 2 else None).id)
-    monkeypatch.setattr(store_module, "now", lambda: datetime(2030, 1, 2, tzinfo=UTC))
+    monkeypatch.setattr(job_store, "now", lambda: datetime(2030, 1, 2, tzinfo=UTC))
     tied = [new_job(store, f"tied {i}").id for i in range(4)]  # the same created_at: the id breaks the tie
 
     seen: list[str] = []

@@ -5,7 +5,7 @@ Our version table is `koala_schema_version`; Optuna's `alembic_version` is never
 
 from alembic import context
 
-from service.store import VERSION_TABLE, metadata
+from service.store.tables import VERSION_TABLE, metadata
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=metadata, version_table=VERSION_TABLE)
