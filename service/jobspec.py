@@ -25,10 +25,8 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
     PrivateAttr,
-    Tag,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -37,79 +35,22 @@ from pydantic import (
 )
 
 from koala import optimizers, workloads
+from service.limits import (
+    DEFAULT_LIMITS,
+    MAX_KEYS,
+    MAX_NAME,
+    MAX_OPTIMIZERS,
+    MAX_SECONDS,
+    MAX_SEED,
+    Finite,
+    Limits,
+)
+from service.search_space import Choice, FloatRange, SearchDimension
 
-# Static bounds: what any deployment accepts. The operator's caps (`Limits`) are checked on top of them.
-MAX_NAME = 200  # characters of a job name, a metric or a string choice
-MAX_OPTIMIZERS = 32  # entries of one job
-MAX_KEYS = 32  # hyperparameters per entry, keys of workload_config
-MAX_CHOICES = 100  # values of one categorical search dimension
-MAX_SEED = 2**31 - 1
-MAX_SECONDS = 30 * 24 * 3600.0  # a time limit a job may ask for
-
-Finite = Annotated[float, Field(allow_inf_nan=False)]
 TRUSTED = "trusted"  # validation context key: the spec comes from the user's own machine (`koala run`)
 UPLOAD_DIGEST = r"^sha256:[0-9a-f]{64}$"
 # "package.module:Class", as a workload inside an upload is named (checked for its form only: never imported here)
 MODULE_CLASS = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
-
-
-class Limits(BaseModel):
-    """Caps on what one job may ask for, set by the operator (KOALA_LIMITS__MAX_EPOCHS=50 and so on)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    max_epochs: int = Field(default=200, ge=1, description="Epochs of a trial")
-    max_seeds: int = Field(default=10, ge=1, description="Seeds of a job")
-    max_trials: int = Field(default=100, ge=1, description="Tuning trials per optimizer")
-    max_total_trials: int = Field(default=500, ge=1, description="Every trial of a job")
-    max_concurrent_trials: int = Field(default=16, ge=1, description="Trials of one job running at once")
-    min_cpu: float = Field(default=0.25, gt=0, description="CPUs a trial must ask for at least")
-    max_cpu: float = Field(default=64, gt=0, description="CPUs per trial")
-    max_gpu: float = Field(default=8, ge=0, description="GPUs per trial")
-
-
-DEFAULT_LIMITS = Limits()
-
-
-class FloatRange(BaseModel):
-    """A numeric search range; `log` samples on a log scale; `int` draws integers."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    low: Finite
-    high: Finite
-    log: bool = False
-    int: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> FloatRange:
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError(f"log scale needs low > 0, got {self.low}")
-        return self
-
-
-class Choice(BaseModel):
-    """A categorical search dimension."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    choices: list[Finite | int | Annotated[str, Field(max_length=MAX_NAME)] | bool] = Field(
-        min_length=1, max_length=MAX_CHOICES
-    )
-
-
-def _dimension_kind(value: Any) -> str:
-    if isinstance(value, Choice) or (isinstance(value, Mapping) and "choices" in value):
-        return "Choice"
-    return "FloatRange"
-
-
-# Discriminated by the presence of `choices`, so a bad range gets the range's errors, not both members'.
-SearchDimension = Annotated[
-    Annotated[FloatRange, Tag("FloatRange")] | Annotated[Choice, Tag("Choice")], Discriminator(_dimension_kind)
-]
 
 
 class OptimizerEntry(BaseModel):

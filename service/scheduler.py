@@ -44,6 +44,15 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from service.driver_host import (
+    STANDBY_FLAG,
+    driver_dir,
+    driver_pythonpath,
+    is_driver,
+    remove_scratch,
+    remove_stale_standby_dirs,
+    standby_dir,
+)
 from service.ray_head import RayHead
 from service.recorder import close_running, optimizer_names
 from service.settings import Settings
@@ -51,34 +60,11 @@ from service.store import ACTIVE_STATES, JobRow, Store
 
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 5.0  # how often ended jobs' scratch is looked for
-STANDBY_FLAG = "--standby"  # `python -P -m service.worker --standby`: a driver waiting for a job (see worker.py)
-STANDBY_READY = "ready"  # the file a standby writes into its directory once it is warm
 STANDBY_DELAY_SECONDS = 5.0  # after a handover, before the next standby starts (its start-up competes for the CPUs)
 STANDBY_RETRY_SECONDS = 30.0  # after a standby exited on its own
 # A new driver spends seconds loading its modules (torch, Ray, Optuna) before its first heartbeat, more on a busy
 # machine: it counts as silent only this long after its start plus `stale_seconds`.
 STARTUP_GRACE_SECONDS = 60.0
-
-
-def scratch_dir(settings: Settings, job_id: str) -> Path:
-    """Tune's directory of a job (its drivers' experiments, with the trials' checkpoints)."""
-    return settings.data_dir / "tune" / job_id
-
-
-def driver_dir(settings: Settings, job_id: str) -> Path:
-    """Where the working directories of a job's drivers are (one per start)."""
-    return settings.data_dir / "drivers" / job_id
-
-
-def standby_dir(settings: Settings) -> Path:
-    """Where this process's standby drivers wait (one directory each, removed by the standby when it leaves)."""
-    return settings.data_dir / "standby" / str(os.getpid())
-
-
-def remove_scratch(settings: Settings, job_id: str) -> None:
-    """Delete what an ended job kept on disk while it ran; its report needs none of it (it is in the studies)."""
-    for path in (scratch_dir(settings, job_id), driver_dir(settings, job_id)):
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -115,7 +101,7 @@ class Scheduler:
         if self.settings.ray_head and not os.environ.get("RAY_ADDRESS"):
             self.head = RayHead(self.settings.data_dir, self._driver_env(), self.settings.ray_num_cpus)
         self._use_standby = self.settings.standby_driver
-        _remove_stale_standby_dirs(standby_dir(self.settings).parent)
+        remove_stale_standby_dirs(standby_dir(self.settings).parent)
         self._keep_standby()  # it loads its modules while the head starts
         self._thread = threading.Thread(target=self._loop, name="koala-scheduler", daemon=True)
         self._thread.start()
@@ -179,7 +165,7 @@ class Scheduler:
         child = self.children.get(job.id)
         if child is not None and child.generation == job.generation and child.process.poll() is not None:
             return False
-        if job.driver_host == self.host and job.driver_pid is not None and not _is_driver(job.driver_pid, job.id):
+        if job.driver_host == self.host and job.driver_pid is not None and not is_driver(job.driver_pid, job.id):
             return False
         return not silent
 
@@ -214,7 +200,7 @@ class Scheduler:
         """Kill the silent driver of `job` (with its process group: the local Ray it started) if it runs here."""
         if child is not None and child.generation == job.generation and child.process.poll() is None:
             pid = child.process.pid
-        elif job.driver_host == self.host and job.driver_pid is not None and _is_driver(job.driver_pid, job.id):
+        elif job.driver_host == self.host and job.driver_pid is not None and is_driver(job.driver_pid, job.id):
             pid = job.driver_pid
         else:
             return  # elsewhere (or gone): fencing keeps it from writing if it ever resumes
@@ -256,7 +242,7 @@ class Scheduler:
     def _driver_env(self) -> dict[str, str]:
         """The environment of a driver (and of the service's Ray head, which its trials' workers inherit)."""
         env = {**os.environ, **self.settings.environment()}
-        pythonpath = _driver_pythonpath(env.get("PYTHONPATH"))
+        pythonpath = driver_pythonpath(env.get("PYTHONPATH"))
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
         else:
@@ -377,58 +363,3 @@ class Scheduler:
     def _ended(self, job_id: str) -> None:
         if self.settings.keep_scratch_seconds <= 0:
             remove_scratch(self.settings, job_id)
-
-
-def _driver_pythonpath(inherited: str | None) -> str:
-    """PYTHONPATH for a driver: the inherited entries made absolute (the driver runs in another directory), and the
-    directory this code is imported from when only the server's working directory provided it (a source checkout
-    run in place; an installed package is found without it)."""
-    entries = [os.path.abspath(entry) for entry in (inherited or "").split(os.pathsep) if entry]
-    root = os.path.realpath(Path(__file__).resolve().parent.parent)
-    cwd = os.path.realpath(os.getcwd())
-    found = {os.path.realpath(p) for p in [*sys.path, *entries] if p} - {cwd}
-    if root not in found:
-        entries.insert(0, root)
-    return os.pathsep.join(entries)
-
-
-def _remove_stale_standby_dirs(base: Path) -> None:
-    """Remove the standby directories of API processes that are gone (a standby removes its own when it leaves,
-    unless it was killed)."""
-    if not base.is_dir():
-        return
-    for path in base.iterdir():
-        if path.name.isdigit() and not _process_exists(int(path.name)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_driver(pid: int, job_id: str) -> bool:
-    """Whether process `pid` on this host is the driver of `job_id` (a reused pid is not): a driver started for it,
-    or a standby driver that took it (in the job's working directory, or on its way there)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (macOS): fall back to "a process with that pid exists"
-        return _process_exists(pid)
-    if b"service.worker" not in cmdline:
-        return False
-    if job_id.encode() in cmdline:
-        return True
-    if STANDBY_FLAG.encode() not in cmdline:
-        return False
-    try:
-        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
-    except OSError:
-        return True  # it exists, and is a standby: the one recorded for this job
-    return job_id in cwd.parts or "standby" in cwd.parts

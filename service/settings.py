@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.jobspec import Limits
+from service.limits import Limits
 
 
 class Settings(BaseSettings):

@@ -47,12 +47,13 @@ import ray
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
+from service.driver_host import STANDBY_FLAG, STANDBY_READY, remove_scratch, scratch_dir
 from service.engine import TrialEvent, run_job
+from service.guarded_storage import GuardedStorage
 from service.jobspec import JobSpec, SpecError
 from service.ray_head import AttachedHead
-from service.recorder import GuardedStorage, Recorder, close_running, optimizer_names, storage_for
+from service.recorder import Recorder, close_running, optimizer_names, storage_for
 from service.retry import DatabaseUnavailableError, retry
-from service.scheduler import STANDBY_FLAG, STANDBY_READY, remove_scratch, scratch_dir
 from service.settings import Settings
 from service.store import FencedError, Store
 from service.upload_runtime import WorkloadCheckError, prepare_job

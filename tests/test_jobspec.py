@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from service.jobspec import JobSpec, Limits, SpecError, load_jobspec
+from service.jobspec import JobSpec, SpecError, load_jobspec
+from service.limits import Limits
 
 VALID: dict[str, Any] = {
     "workload": "digits-mlp",
