@@ -231,6 +231,10 @@ def test_koala_run_ctrl_c_leaves_no_running_trial(tmp_path: Path, cli_env: dict[
             running = [t for ts in trials_of(storage, "ctrlc").values() for t in ts if t.state == TrialState.RUNNING]
             if any(t.intermediate_values for t in running):
                 break
+    else:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=300)
+        raise AssertionError(f"no trial of `koala run` reported an epoch within 300 s:\n{output[-4000:]}")
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 130, output

@@ -12,26 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from koala import KoalaM, KoalaV
-
-OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
-parametrize_opt = pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
-
-
-def data(seed: int, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=gen)
-    return x, x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=gen)
-
-
-def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (model(x) - y).pow(2).squeeze(1)  # (B,)
-
+from tests.optimizer_cases import OPTIMIZERS, parametrize_opt, per_sample_loss, regression_batch, regression_model
 
 # ---- GradScaler ---------------------------------------------------------------------------------------------------
 
@@ -40,11 +21,11 @@ def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
 def test_grad_scaler_step_matches_unscaled(factory: Any) -> None:
     results = []
     for use_scaler in (False, True):
-        model = make_model()
+        model = regression_model()
         opt = factory(model.parameters())
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=use_scaler)
         for k in range(6):
-            losses = per_sample_loss(model, *data(k))
+            losses = per_sample_loss(model, *regression_batch(k))
             opt.zero_grad()
             scaler.scale(losses.mean()).backward()
             scaler.step(opt, loss=losses.detach())  # the unscaled per-sample losses
@@ -56,17 +37,17 @@ def test_grad_scaler_step_matches_unscaled(factory: Any) -> None:
 
 @parametrize_opt
 def test_grad_scaler_skips_inf_step(factory: Any) -> None:
-    model = make_model()
+    model = regression_model()
     opt = factory(model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    losses = per_sample_loss(model, *data(0))
+    losses = per_sample_loss(model, *regression_batch(0))
     scaler.scale(losses.mean()).backward()
     scaler.step(opt, loss=losses.detach())
     scaler.update()
     before = [p.detach().clone() for p in model.parameters()]
     step_before = float(opt.state[next(model.parameters())]["step"])
     opt.zero_grad()
-    losses = per_sample_loss(model, *data(1))
+    losses = per_sample_loss(model, *regression_batch(1))
     scaler.scale(losses.mean() * float("inf")).backward()
     scaler.step(opt, loss=losses.detach())
     scaler.update()
@@ -89,10 +70,10 @@ def _ddp_worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = nn.parallel.DistributedDataParallel(make_model())
+        model = nn.parallel.DistributedDataParallel(regression_model())
         opt = OPTIMIZERS[name](model.parameters(), weight_decay=1e-3)
         for k in range(8):
-            x, y = data(k, 64)
+            x, y = regression_batch(k, 64)
             shard = slice(rank * 32, rank * 32 + 32)  # each replica sees its half of the batch
             losses = per_sample_loss(model, x[shard], y[shard])
             opt.zero_grad()
@@ -115,10 +96,10 @@ def test_ddp_replicas_take_the_full_batch_step(factory: Any, tmp_path: Any) -> N
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     # Single process on the whole batch: the all-reduced loss moments make DDP equal to it.
-    model = make_model()
+    model = regression_model()
     opt = factory(model.parameters(), weight_decay=1e-3)
     for k in range(8):
-        losses = per_sample_loss(model, *data(k, 64))
+        losses = per_sample_loss(model, *regression_batch(k, 64))
         opt.zero_grad()
         losses.mean().backward()
         opt.step(loss=losses.detach())
@@ -137,7 +118,7 @@ def test_compiled_step_matches_eager(factory: Any) -> None:
     trajectories = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        model = make_model()
+        model = regression_model()
         opt = factory(model.parameters(), weight_decay=1e-3)
 
         def step(losses: torch.Tensor, opt: torch.optim.Optimizer = opt) -> None:
@@ -145,7 +126,7 @@ def test_compiled_step_matches_eager(factory: Any) -> None:
 
         run_step = torch.compile(step) if compiled else step
         for k in range(5):
-            losses = per_sample_loss(model, *data(k))
+            losses = per_sample_loss(model, *regression_batch(k))
             opt.zero_grad()
             losses.mean().backward()
             run_step(losses.detach())

@@ -22,21 +22,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from koala import KoalaM, KoalaV
 from koala import functional as F
+from tests.optimizer_cases import OPTIMIZERS, PATHS, Factory, parametrize_opt, path_name
 
-OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
 DTYPES = [torch.float32, torch.float64]
-Factory = Callable[..., torch.optim.Optimizer]
-#: The constructor arguments that choose each CPU path: the loop, `torch._foreach_*`, the fused Numba kernels.
-PATHS: dict[str, dict[str, Any]] = {
-    "single": {"foreach": False},
-    "foreach": {"foreach": True, "fused": False},
-    "fused": {"fused": True},
-}
-
-
-def path_name(opt: Any) -> str:
-    """The path the optimizer's next step takes (its parameters must have gradients)."""
-    return str(opt._path(opt._blocks()).name)
 
 
 def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -72,9 +60,6 @@ def full_loss(model: nn.Module, opt: torch.optim.Optimizer) -> float:
         value = sum(float(nn.functional.cross_entropy(model(batch(k, dtype)[0]), batch(k, dtype)[1])) for k in range(8))
     opt.train()  # type: ignore[attr-defined]
     return value
-
-
-parametrize_opt = pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 
 
 @parametrize_opt

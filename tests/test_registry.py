@@ -9,12 +9,12 @@ from torch import nn
 
 from koala import KoalaM, optimizers
 from service.jobspec import JobSpec
-from tests.test_integrations import data, make_model, per_sample_loss
+from tests.optimizer_cases import per_sample_loss, regression_batch, regression_model
 
 
 def test_registry_names_and_create() -> None:
     assert {"koala-v", "koala-m", "sgd", "momentum", "adam", "adamw"} <= set(optimizers.names())
-    model = make_model()
+    model = regression_model()
     assert isinstance(optimizers.create("koala-m", model.parameters()), KoalaM)
     sgd = optimizers.create("momentum", model.parameters(), lr=0.05)
     assert isinstance(sgd, torch.optim.SGD)
@@ -26,20 +26,20 @@ def test_registry_names_and_create() -> None:
 
 def test_registry_rejects_unknown_names_and_hyperparameters() -> None:
     with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; valid names: adam, adamw, .*koala-m, koala-v"):
-        optimizers.create("lion", make_model().parameters())
+        optimizers.create("lion", regression_model().parameters())
     with pytest.raises(
         ValueError, match=r"unknown hyperparameter\(s\) betas for optimizer 'koala-m'; valid: .*momentum"
     ):
-        optimizers.create("koala-m", make_model().parameters(), betas=(0.9, 0.9))
+        optimizers.create("koala-m", regression_model().parameters(), betas=(0.9, 0.9))
     with pytest.raises(ValueError, match="already registered"):
         optimizers.register(optimizers.get("sgd"))
 
 
 def test_every_registered_optimizer_steps_with_a_closure() -> None:
     """The closure protocol works for every registered optimizer, KOALA included (it returns per-sample losses)."""
-    x, y = data(0)
+    x, y = regression_batch(0)
     for name in optimizers.names():
-        model = make_model()
+        model = regression_model()
         opt = optimizers.create(name, model.parameters())
 
         def closure(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from koala import functional as F
-from tests.test_optimizer import OPTIMIZERS, PATHS, Factory, path_name
+from tests.optimizer_cases import OPTIMIZERS, PATHS, Factory, path_name
 
 Check = Callable[[Factory], None]
 PROPERTIES: dict[str, Check] = {}

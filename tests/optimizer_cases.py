@@ -1,0 +1,47 @@
+"""What the optimizer tests share: KoalaV and KoalaM by registry name, the constructor arguments that choose each CPU
+path, and a small regression problem with per-sample losses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from koala import KoalaM, KoalaV
+
+OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
+Factory = Callable[..., torch.optim.Optimizer]
+parametrize_opt = pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+
+#: The constructor arguments that choose each CPU path: the loop, `torch._foreach_*`, the fused Numba kernels.
+PATHS: dict[str, dict[str, Any]] = {
+    "single": {"foreach": False},
+    "foreach": {"foreach": True, "fused": False},
+    "fused": {"fused": True},
+}
+
+
+def path_name(opt: Any) -> str:
+    """The path the optimizer's next step takes (its parameters must have gradients)."""
+    return str(opt._path(opt._blocks()).name)
+
+
+# ---- a small regression problem: 4 inputs, 1 output -------------------------------------------------------------
+
+
+def regression_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def regression_batch(seed: int, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=gen)
+    return x, x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=gen)
+
+
+def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x) - y).pow(2).squeeze(1)  # (B,)
