@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Annotated
 from urllib.parse import urlsplit
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import HTTPException, Request
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -90,14 +89,12 @@ def identify(store: Store, headers: Headers, cookies: dict[str, str]) -> Caller:
 # Cheap reads (an indexed row, WAL mode: never blocked by a writer) run on the event loop: a thread hop costs more
 # than the query.
 async def caller(request: Request) -> Caller:
-    """The caller, as `Guard` identified it (or identified now, for a route Guard lets through unchecked)."""
+    """The caller, as `Guard` identified it (or identified now, for a route Guard lets through unchecked); routes
+    take it as the `Auth` dependency (service/api/deps.py)."""
     known = request.scope.get("state", {}).get("caller")
     if isinstance(known, Caller):
         return known
     return identify(request.app.state.store, request.headers, request.cookies)
-
-
-Auth = Annotated[Caller, Depends(caller)]
 
 
 class ExposureError(RuntimeError):

@@ -1,5 +1,6 @@
-"""Workload code a client sends with its job: the stored packs, their owners and retention, the HTTP routes, and the
-permission to upload (the pack format: service/packs.py; the driver's side: service/upload_runtime.py).
+"""Workload code a client sends with its job: the stored packs, their owners and retention, and the permission to
+upload (the HTTP routes: service/api/uploads.py; the pack format: service/packs.py; the driver's side:
+service/upload_runtime.py).
 
 A pack is a zip archive of the client's workload directory, every entry under the directory's name
 (`my_workload/model.py`), so a job may name `workload: my_workload.model:MyWorkload` with `upload: sha256:...`
@@ -25,23 +26,18 @@ A pack is a zip archive of the client's workload directory, every entry under th
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Request, Response
-from fastapi import Path as PathParam
-from starlette.concurrency import run_in_threadpool
 
 from koala_client import models
-from service.auth import Auth, Caller
-from service.jobspec import UPLOAD_DIGEST, JobSpec, SpecError
-from service.packs import REQUIREMENTS, PackError, PackInfo, inspect_pack, mib, module_in, top_level
+from service.auth import Caller
+from service.jobspec import JobSpec, SpecError
+from service.packs import REQUIREMENTS, PackInfo, module_in, top_level
 from service.problems import ProblemError
 from service.settings import Settings
 from service.store import JobRow, Store, jobs, metadata
@@ -51,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPOOL_BYTES = 1 << 20  # an upload is held in memory up to this, then in a temporary file
 LINK_GRACE_SECONDS = 10.0  # a pack's bytes outlive its last owner by this much (an upload of them may be under way)
 ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
 
@@ -298,7 +293,7 @@ class Sweeper:
                 log.exception("upload sweep failed")
 
 
-# ---- permission ----------------------------------------------------------------------------------------------------
+# ---- permission and a job's upload ---------------------------------------------------------------------------------
 
 FORBIDDEN = (
     "uploading workload code runs it on this server's Ray cluster, so it is allowed only to tokens an operator chose: "
@@ -310,130 +305,13 @@ def may_upload(who: Caller, settings: Settings) -> bool:
     return who.allow_uploads or settings.allow_uploads
 
 
-def _forbidden() -> ProblemError:
+def forbidden() -> ProblemError:
     return ProblemError(403, "Uploads not allowed", FORBIDDEN, type="https://koala.dev/problems/uploads-not-allowed")
 
 
-def _not_found(digest: str, field: str | None = None) -> ProblemError:
+def upload_not_found(digest: str, field: str | None = None) -> ProblemError:
     detail = f"no upload {digest} (another token's uploads are not visible; upload the workload first)"
     return ProblemError(404, "Not Found", detail, field=field, type="https://koala.dev/problems/not-found")
-
-
-# ---- the HTTP API --------------------------------------------------------------------------------------------------
-
-router = APIRouter(tags=["uploads"])
-Digest = Annotated[str, PathParam(pattern=UPLOAD_DIGEST, description="`sha256:` and the hex digest of the pack")]
-PACK_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "The workload pack: a zip archive of the workload directory, its entries under the directory's "
-        "name (what `koala submit --workload-dir` sends)",
-        # Any content type is accepted (`koala` sends application/zip); the schema says octet-stream, which every
-        # OpenAPI tool can send.
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    }
-}
-
-
-def _uploads(request: Request) -> Uploads:
-    return request.app.state.uploads  # type: ignore[no-any-return]
-
-
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
-
-
-@router.post(
-    "/v1/uploads",
-    status_code=201,
-    response_model=models.Upload,
-    openapi_extra=PACK_BODY,
-    responses={
-        200: {"model": models.Upload, "description": "This token had uploaded the same bytes before"},
-        403: {"model": models.Problem, "description": "This token may not upload code"},
-        413: {"model": models.Problem, "description": "The pack is larger than the server accepts"},
-    },
-)
-async def create_upload(request: Request, response: Response, who: Auth) -> models.Upload:
-    """Store a workload pack (a zip archive, the request body) for the caller; returns its digest, which a JobSpec
-    names as `upload`. Checked before it is stored: size, entries, paths (relative, inside the pack), plain files."""
-    settings = _settings(request)
-    if not may_upload(who, settings):
-        raise _forbidden()
-    limit = settings.max_upload_bytes
-    hasher = hashlib.sha256()
-    size = 0
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                detail = f"the pack is larger than this server accepts ({mib(limit)})"
-                raise ProblemError(413, "Upload too large", detail)
-            hasher.update(chunk)
-            spool.write(chunk)
-        if size == 0:
-            raise ProblemError(422, "Empty upload", "send the workload pack (a zip archive) as the body", field="body")
-        spool.seek(0)
-        try:
-            info = await run_in_threadpool(
-                inspect_pack,
-                spool,
-                max_files=settings.max_upload_files,
-                max_unpacked_bytes=settings.max_upload_unpacked_bytes,
-            )
-        except PackError as error:
-            raise ProblemError(422, "Invalid workload pack", str(error), field="body") from None
-        spool.seek(0)
-        data = spool.read()
-    digest = f"sha256:{hasher.hexdigest()}"
-    row, created = await run_in_threadpool(_uploads(request).add, owner_key(who.owner), digest, data, info)
-    response.status_code = 201 if created else 200
-    return row.to_schema(with_files=True)
-
-
-@router.get("/v1/uploads", response_model=list[models.Upload])
-def list_uploads(request: Request, who: Auth) -> list[models.Upload]:
-    """The caller's uploads, newest first (without their file lists)."""
-    return [row.to_schema(with_files=False) for row in _uploads(request).owned_by(owner_key(who.owner))]
-
-
-@router.get("/v1/uploads/limits", response_model=models.UploadLimits)
-def upload_limits(request: Request, who: Auth) -> models.UploadLimits:
-    """Whether the caller may upload code, and the limits a pack must keep to."""
-    settings = _settings(request)
-    allowed = may_upload(who, settings)
-    return models.UploadLimits(
-        allowed=allowed,
-        detail=None if allowed else FORBIDDEN,
-        max_bytes=settings.max_upload_bytes,
-        max_files=settings.max_upload_files,
-        max_unpacked_bytes=settings.max_upload_unpacked_bytes,
-        package_installs=settings.allow_package_installs,
-    )
-
-
-@router.get("/v1/uploads/{digest}", response_model=models.Upload, responses={404: {"model": models.Problem}})
-def get_upload(request: Request, digest: Digest, who: Auth) -> models.Upload:
-    """One of the caller's uploads, with its file list."""
-    row = _uploads(request).get(owner_key(who.owner), digest)
-    if row is None:
-        raise _not_found(digest)
-    return row.to_schema(with_files=True)
-
-
-@router.delete(
-    "/v1/uploads/{digest}",
-    status_code=204,
-    responses={404: {"model": models.Problem}, 409: {"model": models.Problem, "description": "A job needs it"}},
-)
-def delete_upload(request: Request, digest: Digest, who: Auth) -> Response:
-    """Delete one of the caller's uploads, unless a queued or running job of the caller needs it."""
-    needed = _uploads(request).delete(owner_key(who.owner), digest)
-    if needed is None:
-        raise _not_found(digest)
-    if needed:
-        raise ProblemError(409, "Upload in use", f"job(s) {', '.join(needed)} still need upload {digest}")
-    return Response(status_code=204)
 
 
 def check_submission(uploads: Uploads, settings: Settings, who: Caller, spec: JobSpec) -> None:
@@ -442,10 +320,10 @@ def check_submission(uploads: Uploads, settings: Settings, who: Caller, spec: Jo
     if spec.upload is None:
         return
     if not may_upload(who, settings):
-        raise _forbidden()
+        raise forbidden()
     row = uploads.get(owner_key(who.owner), spec.upload)
     if row is None:
-        raise _not_found(spec.upload, field="upload")
+        raise upload_not_found(spec.upload, field="upload")
     problems = []
     if spec.uploaded_workload:
         module = spec.workload.partition(":")[0]
