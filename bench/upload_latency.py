@@ -8,14 +8,20 @@ loopback whose job drivers join it, the `koala` command line as the user runs it
   their PYTHONPATH), submitted by its registered name: `koala submit job.yaml`;
 - upload N MB: the same workload under another package name, installed nowhere, its directory padded with random
   (incompressible) bytes so that the pack is about N MB: `koala submit job.yaml --workload-dir DIR`. Each run pads
-  with fresh bytes, so neither the service nor Ray's per-node cache has seen the pack before.
+  with fresh bytes, so neither the service nor Ray's per-node cache has seen the pack before;
+- resubmitted N MB (`--resubmit`): right after an `upload N MB` run, the same directory submitted again (the same
+  pack: the server keeps one copy, and its check passed before, so the driver does not run it again).
 
 Per job, from the moment the `koala` process starts: `submitted` (it returned: packing, upload, submit), `first
 trial` (the driver's first trial event: the trial handed to Ray Tune, after the driver started, connected to Ray
 with the pack, and checked the workload on a node) and `first epoch` (the first trial process started, imported the
-workload and finished an epoch). Configurations alternate, `--repeats` times each; the table shows medians.
+workload and finished an epoch). The driver's log gives the upload's steps: `ship` (the pack handed to Ray), `check`
+(the check task, submitted to answered), and within the check `boot` (its worker process started to the task
+running: Python and Ray, twice, as a worker under a runtime environment starts through Ray's setup_worker) and
+`imports` (koala.workloads with torch, then the uploaded module). Configurations alternate, `--repeats` times each;
+the table shows medians.
 
-    python bench/upload_latency.py [--sizes 1 20] [--repeats 3] [--out FILE]
+    python bench/upload_latency.py [--sizes 1 20] [--resubmit] [--repeats 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -123,17 +129,26 @@ def run_once(server: LiveServer, spec_file: Path, workload_dir: Path | None) -> 
     timing = {"submitted": submitted, "first_trial": first_trial - started, "first_epoch": first_epoch - started}
     # The driver's own account of the upload's steps (service/upload_runtime.py logs them).
     log = (server.data_dir / "logs" / f"{job_id}.log").read_text(errors="replace")
-    steps = {"ship": r"handed to Ray in ([0-9.]+) s", "check": r"checked on the cluster in ([0-9.]+) s"}
+    steps = {
+        "ship": r"handed to Ray in ([0-9.]+) s",
+        "check": r"checked on the cluster in ([0-9.]+) s",
+        "boot": r"worker started \+([0-9.]+) s",
+        "koala": r"koala imported \+([0-9.]+) s",
+        "module": r"workload imported \+([0-9.]+) s",
+    }
     for key, pattern in steps.items():
         found = re.search(pattern, log)
         if found:
             timing[key] = float(found.group(1))
+    if "koala" in timing and "module" in timing:
+        timing["imports"] = timing.pop("koala") + timing.pop("module")
     return timing
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 20.0], help="pack sizes, MB")
+    parser.add_argument("--resubmit", action="store_true", help="also submit each fresh pack's directory again")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, help="append the results as one JSON line")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (the drivers' logs)")
@@ -149,7 +164,11 @@ def main() -> None:
     installed_spec.write_text(yaml.safe_dump(job("tiny-regression")))
     uploaded_spec = work / "uploaded.yaml"
     uploaded_spec.write_text(yaml.safe_dump(job(f"{UPLOADED}.model:TinyRegression")))
-    configs: list[tuple[str, float | None]] = [("installed", None)] + [(f"upload {s:g} MB", s) for s in args.sizes]
+    configs: list[tuple[str, float | None]] = [("installed", None)]
+    for size in args.sizes:
+        configs.append((f"upload {size:g} MB", size))
+        if args.resubmit:
+            configs.append((f"resubmitted {size:g} MB", size))
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in configs}
     with LoopbackCluster() as cluster:
         cluster.add_node("a", num_cpus=1)
@@ -169,13 +188,17 @@ def main() -> None:
         try:
             run_once(server, installed_spec, None)  # warm-up: the nodes' first workers, the caches
             for repeat in range(args.repeats):
+                directory: Path | None = None
                 for name, size in configs:
-                    directory = padded_copy(work / "pack", size) if size is not None else None
+                    if name.startswith("upload"):
+                        directory = padded_copy(work / "pack", size or 0)
+                    elif name == "installed":
+                        directory = None
                     spec_file = uploaded_spec if size is not None else installed_spec
                     timing = run_once(server, spec_file, directory)
                     results[name].append(timing)
-                    shown = "  ".join(f"{key} {value:.2f} s" for key, value in timing.items())
-                    print(f"{repeat + 1}/{args.repeats} {name:<14} {shown}", flush=True)
+                    line = "  ".join(f"{key} {value:.2f} s" for key, value in timing.items())
+                    print(f"{repeat + 1}/{args.repeats} {name:<18} {line}", flush=True)
         finally:
             server.stop()
             kill_drivers(server.database_url)
@@ -185,10 +208,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     base = {key: statistics.median(r[key] for r in results["installed"]) for key in results["installed"][0]}
-    header = ["submitted", "first trial", "first epoch", "added (trial)", "added (epoch)", "ship", "check"]
-    print(f"\n{'configuration':<16}" + "".join(f"{h:>14}" for h in header))
+    header = ["submitted", "first trial", "first epoch", "added (trial)", "added (epoch)"]
+    steps = ["ship", "check", "boot", "imports"]
+    print(f"\n{'configuration':<18}" + "".join(f"{h:>14}" for h in header + steps))
     for name, runs in results.items():
-        median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        median = {key: statistics.median(r[key] for r in runs if key in r) for key in {k for r in runs for k in r}}
         cells = [
             median["submitted"],
             median["first_trial"],
@@ -197,8 +221,8 @@ def main() -> None:
             median["first_epoch"] - base["first_epoch"],
         ]
         shown = [f"{value:>13.2f}s" for value in cells]
-        shown += [f"{median[key]:>13.2f}s" if key in median else f"{'-':>14}" for key in ("ship", "check")]
-        print(f"{name:<16}" + "".join(shown))
+        shown += [f"{median[key]:>13.2f}s" if key in median else f"{'-':>14}" for key in steps]
+        print(f"{name:<18}" + "".join(shown))
     if args.out is not None:
         record = {
             "at": datetime.now().astimezone().isoformat(timespec="seconds"),

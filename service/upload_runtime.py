@@ -5,6 +5,7 @@ of the job (so Ray ships it to whichever node runs a trial), and the workload ch
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import json
 import logging
@@ -12,7 +13,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from service.jobspec import JobSpec
 from service.packs import REQUIREMENTS, PackError, inspect_pack
@@ -20,10 +21,9 @@ from service.settings import Settings
 from service.store import Store
 from service.uploads import Uploads
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger(__name__)
+
+CHECKS_DIR = "upload-checks"  # under the data directory: the passed checks, one file each (see prepare_job)
 
 
 class WorkloadCheckError(Exception):
@@ -89,16 +89,18 @@ def connect_with(environment: Mapping[str, Any]) -> None:
         raise WorkloadCheckError(f"cannot ship the uploaded workload to Ray: {type(error).__name__}: {error}") from None
 
 
-def check_workload(spec: JobSpec, timeout: float) -> JobSpec:
+def check_workload(spec: JobSpec, timeout: float) -> tuple[str, dict[str, str]]:
     """Check the job's uploaded workload in a short Ray task under the job's runtime environment (so on whichever
-    node runs it, from the pack Ray shipped there); returns the spec knowing the workload's metrics. Raises
-    WorkloadCheckError with the reason (import error, not a Workload, bad config, unknown metric)."""
+    node runs it, from the pack Ray shipped there); returns the workload's default metric and the direction of each
+    of its metrics. Raises WorkloadCheckError with the reason (import error, not a Workload, bad config, unknown
+    metric)."""
     import ray
     from ray.exceptions import GetTimeoutError, RayError, RuntimeEnvSetupError
 
     from service.workload_check import inspect_workload
 
     task = ray.remote(num_cpus=0, max_retries=0)(inspect_workload)
+    submitted = time.time()
     ref = task.remote(spec.workload, dict(spec.workload_config), spec.metric)
     try:
         answer = ray.get(ref, timeout=timeout)
@@ -112,9 +114,10 @@ def check_workload(spec: JobSpec, timeout: float) -> JobSpec:
     except RayError as error:
         raise WorkloadCheckError(f"checking the uploaded workload failed: {_tail(error)}") from None
     result = _parse_answer(answer)
+    _log_timing(spec.workload, submitted, time.time(), result.get("timing"))
     if "error" in result:
         raise WorkloadCheckError(f"the uploaded workload {spec.workload} cannot run: {result['error']}")
-    return spec.with_checked_workload(result["metric"], result["modes"])
+    return result["metric"], result["modes"]
 
 
 def _parse_answer(answer: object) -> dict[str, Any]:
@@ -122,13 +125,33 @@ def _parse_answer(answer: object) -> dict[str, Any]:
         result = json.loads(answer) if isinstance(answer, str) else None
     except ValueError:
         result = None
-    if isinstance(result, dict) and isinstance(result.get("error"), str):
-        return {"error": result["error"][:2000]}
-    if isinstance(result, dict) and isinstance(result.get("metric"), str) and isinstance(result.get("modes"), dict):
+    if not isinstance(result, dict):
+        raise WorkloadCheckError("the check of the uploaded workload gave an answer this driver does not understand")
+    timing = result.get("timing")
+    times = (
+        {str(k): float(v) for k, v in timing.items() if isinstance(v, (int, float))} if isinstance(timing, dict) else {}
+    )
+    if isinstance(result.get("error"), str):
+        return {"error": result["error"][:2000], "timing": times}
+    if isinstance(result.get("metric"), str) and isinstance(result.get("modes"), dict):
         modes = result["modes"]
         if result["metric"] in modes and all(isinstance(k, str) and v in ("max", "min") for k, v in modes.items()):
-            return result
+            return {"metric": result["metric"], "modes": modes, "timing": times}
     raise WorkloadCheckError("the check of the uploaded workload gave an answer this driver does not understand")
+
+
+def _log_timing(workload: str, submitted: float, answered: float, timing: Mapping[str, float] | None) -> None:
+    """Where the check's seconds went, from the task's own clock readings (Unix times; on another node its clock)."""
+    timing = timing or {}
+    steps = [
+        ("worker spawned", submitted, timing.get("process")),
+        ("worker started", timing.get("process"), timing.get("start")),
+        ("koala imported", timing.get("start"), timing.get("koala")),
+        ("workload imported", timing.get("koala"), timing.get("imported")),
+        ("answered", timing.get("imported"), answered),
+    ]
+    shown = ", ".join(f"{what} +{end - begin:.2f} s" for what, begin, end in steps if begin and end)
+    log.info("check of %s: %s", workload, shown or "no timing")
 
 
 def _tail(error: BaseException, limit: int = 2000) -> str:
@@ -136,16 +159,80 @@ def _tail(error: BaseException, limit: int = 2000) -> str:
     return text if len(text) <= limit else f"...{text[-limit:]}"
 
 
+def check_key(spec: JobSpec) -> str:
+    """What a passed check of the job's uploaded workload depends on: the pack (by its digest), the workload's name,
+    its config and metric, and the versions of the code that loads it (the library, torch, Ray)."""
+    body = {
+        "upload": spec.upload,
+        "workload": spec.workload,
+        "workload_config": dict(spec.workload_config),
+        "metric": spec.metric,
+        "versions": {name: _version(name) for name in ("koala-optim", "torch", "ray")},
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def passed_before(directory: Path, key: str, max_age: float) -> tuple[str, dict[str, str]] | None:
+    """The metric and modes a check with `key` answered when it passed, if it did within `max_age` seconds (an entry
+    read is kept for another `max_age`; an older one is removed)."""
+    path = directory / f"{key}.json"
+    try:
+        if time.time() - path.stat().st_mtime > max_age:
+            path.unlink(missing_ok=True)
+            return None
+        stored = json.loads(path.read_text())
+        os.utime(path)
+    except (OSError, ValueError):
+        return None
+    metric, modes = stored.get("metric"), stored.get("modes")
+    if isinstance(metric, str) and isinstance(modes, dict) and metric in modes:
+        return metric, {str(k): str(v) for k, v in modes.items()}
+    return None
+
+
+def remember_pass(directory: Path, key: str, metric: str, modes: Mapping[str, str]) -> None:
+    """Record a passed check (written whole, so a concurrent reader sees all of it or nothing)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / f"{key}.{os.getpid()}.tmp"
+        partial.write_text(json.dumps({"metric": metric, "modes": dict(modes)}))
+        os.replace(partial, directory / f"{key}.json")
+    except OSError as error:  # the next job with this pack is checked again; nothing else depends on it
+        log.warning("could not record the passed check of %s: %s", key, error)
+
+
 def prepare_job(store: Store, settings: Settings, spec: JobSpec, into: Path) -> JobSpec:
     """For a job with an upload: connect this driver to Ray with the pack as the job's runtime environment, and
     check an uploaded workload on the cluster. Returns the spec to run (knowing the workload's metrics); raises
-    WorkloadCheckError. Ray stays connected for the run (the caller shuts it down)."""
+    WorkloadCheckError. Ray stays connected for the run (the caller shuts it down).
+
+    A pack, workload and config whose check passed before (the same bytes, so the same code; within the upload
+    retention period) are not checked again: a resubmitted job starts its trials without that Ray task. Packs with
+    requirements are always checked, since their pip environment is built on each node and can fail there."""
     started = time.monotonic()
-    connect_with(runtime_environment(store, settings, spec, into))
+    environment = runtime_environment(store, settings, spec, into)
+    connect_with(environment)
     shipped = time.monotonic()
     log.info("upload %s handed to Ray in %.2f s", spec.upload, shipped - started)
     if not spec.uploaded_workload:
         return spec
-    checked = check_workload(spec, settings.upload_check_seconds)
+    passes = settings.data_dir / CHECKS_DIR
+    key = check_key(spec) if "pip" not in environment else None
+    known = passed_before(passes, key, settings.upload_retention_seconds) if key else None
+    if known is not None:
+        log.info(
+            "workload %s passed its check before (same pack, config and versions): not checked again", spec.workload
+        )
+        return spec.with_checked_workload(*known)
+    metric, modes = check_workload(spec, settings.upload_check_seconds)
     log.info("workload %s checked on the cluster in %.2f s", spec.workload, time.monotonic() - shipped)
-    return checked
+    if key:
+        remember_pass(passes, key, metric, modes)
+    return spec.with_checked_workload(metric, modes)

@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -23,8 +24,10 @@ import sqlalchemy as sa
 import yaml
 
 from koala_client import packing
+from service.jobspec import JobSpec
 from service.store import Store
 from service.testing import LiveServer, LoopbackCluster, RayNode, kill_drivers, server_environment
+from service.upload_runtime import WorkloadCheckError, _parse_answer, check_key, passed_before, remember_pass
 from service.uploads import blobs
 from tests.helpers import create_token, koala_cli, start_server, wait_for, wait_until
 
@@ -365,6 +368,51 @@ def cluster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[L
             server.stop()
             kill_drivers(server.database_url)
     assert cluster.leftover_pids() == set(), "Ray processes survived the cluster"
+
+
+def uploaded_spec(**changes: Any) -> JobSpec:
+    body: dict[str, Any] = {
+        "workload": "my_workload.model:TinyRegression",
+        "upload": "sha256:" + "ab" * 32,
+        "workload_config": TINY,
+        "epochs": 1,
+        "seeds": 1,
+        "optimizers": [{"name": "sgd"}],
+    }
+    return JobSpec.parse({**body, **changes})
+
+
+def test_a_passed_check_is_remembered_per_pack_workload_config_and_metric(tmp_path: Path) -> None:
+    key = check_key(uploaded_spec())
+    assert check_key(uploaded_spec()) == key
+    others = [
+        uploaded_spec(upload="sha256:" + "cd" * 32),
+        uploaded_spec(workload="my_workload.model:Other"),
+        uploaded_spec(workload_config={**TINY, "hidden": 9}),
+        uploaded_spec(metric="val_rmse"),
+    ]
+    assert len({key, *(check_key(spec) for spec in others)}) == 5
+
+    assert passed_before(tmp_path, key, 60) is None
+    remember_pass(tmp_path, key, "val_rmse", {"val_rmse": "min", "train_loss": "min"})
+    assert passed_before(tmp_path, key, 60) == ("val_rmse", {"val_rmse": "min", "train_loss": "min"})
+    assert [p.name for p in tmp_path.iterdir()] == [f"{key}.json"]  # no partial file left behind
+
+    # Past the retention period the entry is dropped, and the workload is checked again.
+    os.utime(tmp_path / f"{key}.json", (time.time() - 120, time.time() - 120))
+    assert passed_before(tmp_path, key, 60) is None
+    assert not (tmp_path / f"{key}.json").exists()
+    (tmp_path / f"{key}.json").write_text("{not json")
+    assert passed_before(tmp_path, key, 60) is None
+
+
+def test_the_checks_answer_is_read_with_its_timing_and_nothing_else() -> None:
+    answer = {"metric": "m", "modes": {"m": "max"}, "timing": {"start": 2.0, "x": "no"}, "extra": "ignored"}
+    assert _parse_answer(json.dumps(answer)) == {"metric": "m", "modes": {"m": "max"}, "timing": {"start": 2.0}}
+    assert _parse_answer(json.dumps({"error": "E" * 3000}))["error"] == "E" * 2000
+    for bad in ("[]", "nope", json.dumps({"metric": "m", "modes": {"other": "max"}}), 3):
+        with pytest.raises(WorkloadCheckError):
+            _parse_answer(bad)
 
 
 @pytest.mark.slow
