@@ -1,5 +1,6 @@
-"""The HTTP service through a real `koala serve` process: jobs, restarts, auth, idempotency, validation, paging,
-events. Jobs run on a real local Ray started by each job's driver."""
+"""The HTTP service through a real `koala serve` process, for what needs one: binding an address, jobs that run,
+kill -9 and restarts, dead drivers, the CLI and the SDK end to end, several API processes. Jobs run on the
+service's own local Ray head. (The API's requests alone: in-process, tests/test_api.py.)"""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ import pytest
 import yaml
 
 from koala_client import KoalaClient
-from service.store import Store
-from service.testing import LiveServer, free_port
+from service.testing import free_port
 from tests.helpers import (
     ENDED,
     LONGER_DIGITS,
@@ -32,163 +32,7 @@ from tests.helpers import (
     wait_until,
 )
 
-# ---- validation, idempotency, paging (no job runs: the scheduler is off) -----------------------------------------
-
-
-@pytest.fixture
-def api(server_factory: Factory) -> LiveServer:
-    return server_factory(run_scheduler="false")
-
-
-@pytest.mark.parametrize(
-    ("change", "field"),
-    [
-        ({"workload": "imagenet"}, "workload"),
-        ({"epochs": 0}, "epochs"),
-        ({"epochs": 100000}, "epochs"),
-        ({"seeds": []}, "seeds"),
-        ({"metric": "bleu"}, "metric"),
-        ({"scheduler": "hyperband"}, "scheduler"),
-        ({"workload_config": {"hidden": -1}}, "workload_config"),
-        ({"optimizers": []}, "optimizers"),
-        ({"optimizers": [{"name": "lion"}]}, "optimizers.0.name"),
-        ({"optimizers": [{"name": "sgd", "params": {"betas": 0.9}}]}, "optimizers.0"),
-        (
-            {"optimizers": [{"name": "adam", "search": {"lr": {"low": 1, "high": 0.1}}, "trials": 2}]},
-            "optimizers.0.search.lr",
-        ),
-        ({"optimizers": [{"name": "sgd"}, {"name": "sgd"}]}, "optimizers"),
-        ({"resources": {"cpu": 0}}, "resources.cpu"),
-        ({"colour": "blue"}, "colour"),
-    ],
-)
-def test_invalid_specs_are_rejected_naming_the_field(api: LiveServer, change: dict[str, Any], field: str) -> None:
-    with api.client() as client:
-        response = client.post("/v1/jobs", json=tiny_spec(**change))
-        assert response.status_code == 422, response.text
-        assert response.headers["content-type"].startswith("application/problem+json")
-        problem = response.json()
-        assert problem["status"] == 422
-        assert problem["title"]
-        assert field in [e["field"] for e in problem["errors"]], problem
-        assert client.get("/v1/jobs").json()["jobs"] == []  # nothing stored
-
-
-def test_malformed_bodies_and_unknown_paths_get_problem_json(api: LiveServer) -> None:
-    with api.client() as client:
-        response = client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
-        assert response.status_code == 422
-        assert response.json()["errors"]
-        response = client.get("/v1/jobs/does-not-exist")
-        assert response.status_code == 404
-        assert response.json()["detail"] == "no job does-not-exist"
-        assert client.get("/v1/jobs", params={"limit": 0}).json()["field"] == "limit"
-        assert client.get("/v1/jobs", params={"cursor": "garbage!"}).json()["field"] == "cursor"
-        assert client.get("/nowhere").headers["content-type"].startswith("application/problem+json")
-
-
-def test_idempotency_key(api: LiveServer) -> None:
-    with api.client() as client:
-        first = client.post("/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "k-1"})
-        again = client.post("/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "k-1"})
-        assert first.status_code == again.status_code == 202
-        assert first.json()["id"] == again.json()["id"]
-        other = client.post("/v1/jobs", json=tiny_spec(epochs=3), headers={"Idempotency-Key": "k-1"})
-        assert other.status_code == 422
-        assert other.json()["field"] == "Idempotency-Key"
-        assert first.json()["id"] in other.json()["detail"]
-        fresh = client.post("/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "k-2"})
-        assert fresh.json()["id"] != first.json()["id"]
-        assert [j["id"] for j in client.get("/v1/jobs").json()["jobs"]] == [fresh.json()["id"], first.json()["id"]]
-
-
-def test_pagination_and_state_filter(api: LiveServer) -> None:
-    with api.client() as client:
-        ids = [client.post("/v1/jobs", json=tiny_spec(name=f"job {i}")).json()["id"] for i in range(7)]
-        cancelled = client.post(f"/v1/jobs/{ids[2]}/cancel").json()
-        assert cancelled["state"] == "cancelled"  # a queued job ends at once
-        assert client.post(f"/v1/jobs/{ids[2]}/cancel").json()["state"] == "cancelled"  # idempotent
-        seen, cursor, pages = [], None, 0
-        while True:
-            params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
-            page = client.get("/v1/jobs", params=params).json()
-            seen += [job["id"] for job in page["jobs"]]
-            pages += 1
-            assert pages <= len(ids), f"paging did not end after {pages} pages"
-            cursor = page["next_cursor"]
-            if cursor is None:
-                break
-        assert seen == ids[::-1]
-        assert pages == 3
-        queued = client.get("/v1/jobs", params={"state": "queued"}).json()["jobs"]
-        assert {job["id"] for job in queued} == set(ids) - {ids[2]}
-        both = client.get("/v1/jobs", params=[("state", "queued"), ("state", "cancelled")]).json()["jobs"]
-        assert len(both) == 7
-        assert client.get("/v1/jobs", params={"state": "sleeping"}).json()["field"] == "state.0"
-
-
-def test_event_stream_of_a_cancelled_queued_job(api: LiveServer) -> None:
-    with api.client() as client:
-        job = client.post("/v1/jobs", json=tiny_spec()).json()
-        client.post(f"/v1/jobs/{job['id']}/cancel")
-        with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
-            assert response.headers["content-type"].startswith("text/event-stream")
-            lines = [line for line in response.iter_lines() if line.startswith("data:")]
-        events = [json.loads(line.removeprefix("data:")) for line in lines]
-        assert [e["data"]["state"] for e in events] == ["queued", "cancelled"]
-        with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": str(events[0]["id"])}) as r:
-            resumed = [json.loads(line.removeprefix("data:")) for line in r.iter_lines() if line.startswith("data:")]
-        assert [e["id"] for e in resumed] == [events[1]["id"]]
-        assert client.get(f"/v1/jobs/{job['id']}/results").status_code == 409
-
-
-def test_catalogue_and_health(api: LiveServer) -> None:
-    with api.client() as client:
-        workloads = {w["name"]: w for w in client.get("/v1/workloads").json()}
-        assert workloads["digits-mlp"]["metric"] == "val_accuracy"
-        assert workloads["digits-mlp"]["mode"] == "max"
-        assert workloads["digits-mlp"]["config"]["hidden"] == 128
-        optimizers = {o["name"]: o for o in client.get("/v1/optimizers").json()}
-        assert {"koala-v", "koala-m", "sgd", "momentum", "adam", "adamw"} <= set(optimizers)
-        sgd = {h["name"]: h for h in optimizers["sgd"]["hyperparameters"]}
-        assert set(sgd) == {"lr", "momentum", "dampening", "nesterov", "weight_decay"}  # torch.optim.SGD's names
-        assert (sgd["momentum"]["default"], sgd["momentum"]["type"], sgd["nesterov"]["type"]) == (0.0, "float", "bool")
-        assert client.get("/healthz").json() == {"status": "ok"}
-        ready = client.get("/readyz").json()
-        assert ready["database"] == "ok"
-        assert ready["ray"].startswith("local")
-        assert client.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]
-
-
-# ---- auth ----------------------------------------------------------------------------------------------------------
-
-
-def test_auth_matrix(server_factory: Factory) -> None:
-    server = server_factory(run_scheduler="false", token_cache_seconds=0)
-    store = Store(server.database_url)
-    alice, bob = store.create_token("alice").token, store.create_token("bob").token
-    store.close()
-    with server.client() as anonymous, server.client("wrong") as wrong:
-        for client in (anonymous, wrong):
-            response = client.get("/v1/jobs")
-            assert response.status_code == 401
-            assert response.headers["www-authenticate"] == "Bearer"
-            assert client.post("/v1/jobs", json=tiny_spec()).status_code == 401
-        assert anonymous.get("/healthz").status_code == 200  # probes need no token
-    with server.client(alice) as a, server.client(bob) as b:
-        job = a.post("/v1/jobs", json=tiny_spec()).json()
-        path = f"/v1/jobs/{job['id']}"
-        assert a.get(path).status_code == 200
-        for method, suffix in [("GET", ""), ("GET", "/trials"), ("GET", "/results"), ("GET", "/events"),
-                               ("POST", "/cancel")]:  # fmt: skip
-            assert b.request(method, path + suffix).status_code == 404, suffix
-        assert b.get("/v1/jobs").json()["jobs"] == []
-        assert [j["id"] for j in a.get("/v1/jobs").json()["jobs"]] == [job["id"]]
-        assert a.get(path).json()["state"] == "queued"  # bob's cancel did nothing
-        # Idempotency keys are per token: bob's identical key is a new job of his own.
-        ka = a.post("/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "same"}).json()
-        kb = b.post("/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "same"}).json()
-        assert ka["id"] != kb["id"]
+# ---- binding an address -------------------------------------------------------------------------------------------
 
 
 def test_serve_refuses_a_public_address_without_tokens(tmp_path: Any) -> None:
