@@ -32,7 +32,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.engine import run_job
-from service.jobspec import JobSpec, Limits
+from service.jobspec import JobSpec
+from service.limits import Limits
 from service.recorder import Recorder, job_study_names, storage_for
 from service.testing import LiveServer
 

@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name
 from sqlalchemy.engine import make_url
 
 from koala_client.cli import main as koala_cli
-from service.jobspec import Limits
+from service.limits import Limits
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

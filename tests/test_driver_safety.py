@@ -25,8 +25,9 @@ import sqlalchemy as sa
 import yaml
 from optuna.trial import TrialState
 
+from service.guarded_storage import GuardedStorage
 from service.jobspec import JobSpec
-from service.recorder import GuardedStorage, Recorder, job_study_names, storage_for
+from service.recorder import Recorder, job_study_names, storage_for
 from service.retry import DatabaseUnavailableError, is_transient, retry
 from service.scheduler import Scheduler
 from service.settings import Settings
