@@ -32,9 +32,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from koala import functional as F
-from koala.functional import AVERAGE_DECAY, GRADIENT_THRESHOLD, Blocks, Run, runs
-
 try:
     import triton
     import triton.language as tl
@@ -713,3 +710,8 @@ __all__ = [
     "plan",
     "vanilla_step",
 ]
+
+# Last: koala.functional builds its path table from this module, so whichever of the two is imported first, each finds
+# the other's names defined (used only inside functions here).
+from koala import functional as F  # noqa: E402
+from koala.functional import AVERAGE_DECAY, GRADIENT_THRESHOLD, Blocks, Run, runs  # noqa: E402
