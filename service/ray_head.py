@@ -41,6 +41,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from service.driver_host import process_exists
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "head.json"
@@ -158,15 +160,8 @@ def _is_head_process(pid: int, temp_dir: str) -> bool:
     cmdline = _cmdline(pid)
     if cmdline is not None:
         return temp_dir.encode() in cmdline
-    if Path("/proc/self").exists():
-        return False
-    try:  # no /proc (macOS): "a process with that pid exists"
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # No /proc (macOS): "a process with that pid exists".
+    return not Path("/proc/self").exists() and process_exists(pid)
 
 
 def _listening(port: int, timeout: float = 2.0) -> bool:

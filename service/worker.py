@@ -55,7 +55,7 @@ from service.ray_head import AttachedHead
 from service.recorder import Recorder, close_running, optimizer_names, storage_for
 from service.retry import DatabaseUnavailableError, retry
 from service.settings import Settings
-from service.store import FencedError, Store
+from service.store import FencedError, JobRow, Store
 from service.upload_runtime import WorkloadCheckError, prepare_job
 
 log = logging.getLogger("service.worker")
@@ -197,14 +197,66 @@ def drive(
     try:
         spec = JobSpec.parse(job.spec, settings.limits)
     except SpecError as error:  # e.g. an optimizer that is no longer installed: the job cannot be resumed
-        close_running(
-            storage, job_id, "the job spec is no longer valid", TrialState.FAIL, optimizer_names(job.spec) or None
+        optimizers = optimizer_names(job.spec) or None
+        return _fail(
+            lease, storage, settings, optimizers, "the job spec is no longer valid", f"invalid job spec: {error}"
         )
-        lease.finish("failed", f"invalid job spec: {error}")
-        _clean_up(settings, job_id)
-        return "failed"
 
     stop = threading.Event()
+    beating = _keep_beating(lease, settings, stop, job_id)
+    if initial == "cancelling":
+        stop.set()
+    if spec.upload is not None:  # the workload ships with the job: Ray takes it to the nodes, it is checked there
+        try:
+            spec = prepare_job(store, settings, spec, scratch_dir(settings, job_id) / "upload")
+        except WorkloadCheckError as error:
+            beating.set()
+            ray.shutdown()
+            optimizers = [entry.name for entry in spec.optimizers]
+            return _fail(lease, storage, settings, optimizers, "the uploaded workload cannot run", str(error))
+
+    recorder = Recorder(storage, job_id, spec)
+    progress = _progress_from_studies(recorder, spec)
+    lease.progress(progress)
+    try:
+        outcome = run_job(
+            spec,
+            recorder,
+            stop=stop,
+            on_event=_event_writer(lease, progress),
+            storage_path=scratch_dir(settings, job_id) / f"g{generation}",
+            trial_time_limit_s=settings.max_trial_seconds,
+            job_time_limit_s=settings.max_job_seconds,
+            job_elapsed_s=_elapsed(store, job, settings),
+        )
+    finally:
+        beating.set()
+        if spec.upload is not None:
+            ray.shutdown()  # connected by prepare_job (run_job leaves alone a connection it did not make)
+    lease.progress(_progress_from_studies(recorder, spec))
+    lease.finish(outcome.state, outcome.error)
+    _clean_up(settings, job_id)
+    return outcome.state
+
+
+def _fail(
+    lease: Lease,
+    storage: optuna.storages.BaseStorage,
+    settings: Settings,
+    optimizers: list[str] | None,
+    reason: str,
+    error: str,
+) -> str:
+    """End the job as failed before any trial ran: its RUNNING trials (from an earlier start) closed with `reason`."""
+    close_running(storage, lease.job_id, reason, TrialState.FAIL, optimizers)
+    lease.finish("failed", error)
+    _clean_up(settings, lease.job_id)
+    return "failed"
+
+
+def _keep_beating(lease: Lease, settings: Settings, stop: threading.Event, job_id: str) -> threading.Event:
+    """Heartbeats every `heartbeat_seconds` in a thread, until the returned event is set; a cancel seen by a
+    heartbeat, SIGTERM or SIGINT sets `stop`."""
     beating = threading.Event()
 
     def heartbeat() -> None:
@@ -220,25 +272,12 @@ def drive(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if initial == "cancelling":
-        stop.set()
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
+    return beating
 
-    if spec.upload is not None:  # the workload ships with the job: Ray takes it to the nodes, it is checked there
-        try:
-            spec = prepare_job(store, settings, spec, scratch_dir(settings, job_id) / "upload")
-        except WorkloadCheckError as error:
-            beating.set()
-            ray.shutdown()
-            optimizers = [entry.name for entry in spec.optimizers]
-            close_running(storage, job_id, "the uploaded workload cannot run", TrialState.FAIL, optimizers)
-            lease.finish("failed", str(error))
-            _clean_up(settings, job_id)
-            return "failed"
 
-    recorder = Recorder(storage, job_id, spec)
-    progress = _progress_from_studies(recorder, spec)
-    lease.progress(progress)
+def _event_writer(lease: Lease, progress: dict[str, dict[str, int]]) -> Callable[[TrialEvent], None]:
+    """The engine's trial events as the job's events and progress."""
 
     def on_event(event: TrialEvent) -> None:
         where = {"optimizer": event.optimizer, "phase": event.phase, "seed": event.seed}
@@ -252,29 +291,14 @@ def drive(
             lease.progress(progress)
             lease.event("trial", {**where, "state": (event.state or "").lower()})
 
-    # The job's clock started at its first start (by the database's clock): a resumed job has what is left.
-    started_at = job.started_at
+    return on_event
+
+
+def _elapsed(store: Store, job: JobRow, settings: Settings) -> float:
+    """Seconds the job has run: its clock started at its first start (by the database's clock), so a resumed job
+    has what is left."""
     now = retry(store.db_now, what="reading the database's clock", budget=settings.db_retry_seconds)
-    elapsed = (now - started_at).total_seconds() if started_at is not None else 0.0
-    try:
-        outcome = run_job(
-            spec,
-            recorder,
-            stop=stop,
-            on_event=on_event,
-            storage_path=scratch_dir(settings, job_id) / f"g{generation}",
-            trial_time_limit_s=settings.max_trial_seconds,
-            job_time_limit_s=settings.max_job_seconds,
-            job_elapsed_s=max(0.0, elapsed),
-        )
-    finally:
-        beating.set()
-        if spec.upload is not None:
-            ray.shutdown()  # connected by prepare_job (run_job leaves alone a connection it did not make)
-    lease.progress(_progress_from_studies(recorder, spec))
-    lease.finish(outcome.state, outcome.error)
-    _clean_up(settings, job_id)
-    return outcome.state
+    return max(0.0, (now - job.started_at).total_seconds()) if job.started_at is not None else 0.0
 
 
 def _clean_up(settings: Settings, job_id: str) -> None:

@@ -331,7 +331,8 @@ def test_a_job_naming_an_upload_is_checked_without_importing_it(
 
 
 def test_an_upload_is_deleted_after_the_retention_period(tmp_path: Path) -> None:
-    server = start_server(tmp_path, "retention", run_scheduler="true", upload_retention_seconds="1")
+    # Long enough for the first listing (a CLI process, slow to start on a busy machine) to come before the sweep.
+    server = start_server(tmp_path, "retention", run_scheduler="true", upload_retention_seconds="8")
     try:
         root = workload(tmp_path)
         added = koala_cli(server, "uploads", "add", str(root))  # an open server on loopback allows uploads
@@ -344,7 +345,7 @@ def test_an_upload_is_deleted_after_the_retention_period(tmp_path: Path) -> None
             interval=0.5,
         )
         # The bytes follow a few seconds later.
-        wait_until(lambda: not stored_packs(server), 20, "the pack's bytes were not deleted", interval=0.5)
+        wait_until(lambda: not stored_packs(server), 40, "the pack's bytes were not deleted", interval=0.5)
     finally:
         server.stop()
 

@@ -15,7 +15,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -24,7 +24,7 @@ from koala_client.models import JOB_STATES
 from service.auth import SESSION_COOKIE, Caller, caller
 from service.problems import ProblemError
 from service.recorder import study_name
-from service.store import Store
+from service.store import JobRow, Store
 
 STATIC = Path(__file__).parent / "static"
 # Pages may only load what the service itself serves; plotly styles its charts inline.
@@ -69,24 +69,112 @@ def safe_next(target: str | None) -> str:
     return target
 
 
+router = APIRouter(include_in_schema=False)
+
+
 def install_pages(app: FastAPI) -> None:
-    store: Store = app.state.store
-    plotly = plotly_js()
-
-    @app.exception_handler(LoginRequiredError)
-    async def to_login(request: Request, error: LoginRequiredError) -> Response:
-        return RedirectResponse(f"/ui/login?next={urllib.parse.quote(error.next_path, safe='')}", status_code=303)
-
+    """The /ui pages on `app`: their routes, static files and plotly.js, and the login redirect."""
+    app.state.plotly_js = plotly_js()
+    app.add_exception_handler(LoginRequiredError, to_login)  # type: ignore[arg-type]  # a handler of that error only
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
+    app.include_router(router)
 
-    @app.get("/ui/vendor/plotly.min.js", include_in_schema=False)
-    def plotly_bundle() -> FileResponse:
-        return FileResponse(plotly, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
 
-    @app.get("/ui", include_in_schema=False)
-    def jobs_page(request: Request, who: Session) -> HTMLResponse:
-        options = "".join(f'<option value="{s}">{s}</option>' for s in JOB_STATES)
-        body = f"""
+async def to_login(request: Request, error: LoginRequiredError) -> Response:
+    return RedirectResponse(f"/ui/login?next={urllib.parse.quote(error.next_path, safe='')}", status_code=303)
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+@router.get("/ui/vendor/plotly.min.js")
+def plotly_bundle(request: Request) -> FileResponse:
+    return FileResponse(
+        request.app.state.plotly_js, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"}
+    )
+
+
+@router.get("/ui")
+def jobs_page(request: Request, who: Session) -> HTMLResponse:
+    return _page(request, "Jobs", _jobs_body(), script="jobs.js", current="jobs")
+
+
+@router.get("/ui/jobs/{job_id}")
+async def job_page(request: Request, job_id: str, who: Session) -> HTMLResponse:
+    job = await run_in_threadpool(_store(request).get_job, job_id)
+    if job is None or not who.may_see(job):
+        body = f'<h1>Job not found</h1><p>There is no job {html.escape(job_id)}. <a href="/ui">All jobs</a></p>'
+        return _page(request, "Job not found", body, status=404)
+    return _page(request, job.name or job.id, _job_body(job), script="job.js", plotly=True, current="jobs")
+
+
+@router.get("/ui/jobs/{job_id}/studies/{optimizer}")
+async def study_link(request: Request, job_id: str, optimizer: str, who: Session) -> Response:
+    """The optimizer's study in optuna-dashboard (its URL needs the study id, which the API does not carry)."""
+    job = await run_in_threadpool(_store(request).get_job, job_id)
+    if job is None or not who.may_see(job) or optimizer not in job.progress:
+        raise ProblemError(404, "Not Found", f"no study for {optimizer} in job {job_id}")
+    state = request.app.state
+    try:
+        study_id = await run_in_threadpool(state.storage.get_study_id_from_name, study_name(job_id, optimizer))
+    except KeyError:
+        raise ProblemError(404, "Not Found", f"job {job_id} has not started {optimizer} yet") from None
+    base = (state.settings.optuna_dashboard_url or "/optuna").rstrip("/")
+    return RedirectResponse(f"{base}/dashboard/studies/{study_id}", status_code=303)
+
+
+@router.get("/ui/login")
+async def login_form(request: Request, next: str | None = None) -> Response:
+    try:
+        await caller(request)
+    except ProblemError:
+        return _login(request, safe_next(next))
+    return RedirectResponse(safe_next(next), status_code=303)  # open mode, or signed in already
+
+
+@router.post("/ui/login")
+async def login(request: Request) -> Response:
+    form = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
+    token = form.get("token", [""])[0].strip()
+    target = safe_next(form.get("next", [""])[0])
+    store = _store(request)
+    owner = await run_in_threadpool(store.token_owner, token) if token else None
+    if owner is None:
+        return _login(request, target, error="That token is not valid on this server.", status=401)
+    settings = request.app.state.settings
+    session_id = await run_in_threadpool(store.create_session, owner, settings.session_seconds)
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        session_id,
+        max_age=int(settings.session_seconds),
+        httponly=True,
+        samesite="strict",
+        path="/",
+        secure=settings.secure_cookies or request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/ui/logout")
+def logout(request: Request) -> Response:
+    session_id = request.cookies.get(SESSION_COOKIE, "")
+    if session_id:
+        _store(request).end_session(session_id)  # revoked on the server, not only forgotten by this browser
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+# ---- page bodies (HTML templates) ------------------------------------------------------------------------------
+
+
+def _jobs_body() -> str:
+    options = "".join(f'<option value="{s}">{s}</option>' for s in JOB_STATES)
+
+    return f"""
 <div class="page-head">
   <h1>Jobs</h1>
   <div class="toolbar">
@@ -110,16 +198,12 @@ def install_pages(app: FastAPI) -> None:
   <button type="button" id="older" disabled>Older &rarr;</button>
 </nav>
 """
-        return _page(request, "Jobs", body, script="jobs.js", current="jobs")
 
-    @app.get("/ui/jobs/{job_id}", include_in_schema=False)
-    async def job_page(request: Request, job_id: str, who: Session) -> HTMLResponse:
-        job = await run_in_threadpool(store.get_job, job_id)
-        if job is None or not who.may_see(job):
-            body = f'<h1>Job not found</h1><p>There is no job {html.escape(job_id)}. <a href="/ui">All jobs</a></p>'
-            return _page(request, "Job not found", body, status=404)
-        name, jid = html.escape(job.name or job.id), html.escape(job.id)
-        body = f"""
+
+def _job_body(job: JobRow) -> str:
+    name, jid = html.escape(job.name or job.id), html.escape(job.id)
+
+    return f"""
 <div class="page-head job-head" id="job" data-job-id="{jid}">
   <nav class="crumbs" aria-label="Breadcrumb"><a href="/ui">Jobs</a> <span aria-hidden="true">/</span>
     <span class="mono" aria-current="page">{jid}</span></nav>
@@ -174,59 +258,6 @@ def install_pages(app: FastAPI) -> None:
   <ul id="studies" class="links"></ul>
 </section>
 """
-        return _page(request, job.name or job.id, body, script="job.js", plotly=True, current="jobs")
-
-    @app.get("/ui/jobs/{job_id}/studies/{optimizer}", include_in_schema=False)
-    async def study_link(request: Request, job_id: str, optimizer: str, who: Session) -> Response:
-        """The optimizer's study in optuna-dashboard (its URL needs the study id, which the API does not carry)."""
-        job = await run_in_threadpool(store.get_job, job_id)
-        if job is None or not who.may_see(job) or optimizer not in job.progress:
-            raise ProblemError(404, "Not Found", f"no study for {optimizer} in job {job_id}")
-        try:
-            study_id = await run_in_threadpool(app.state.storage.get_study_id_from_name, study_name(job_id, optimizer))
-        except KeyError:
-            raise ProblemError(404, "Not Found", f"job {job_id} has not started {optimizer} yet") from None
-        base = (app.state.settings.optuna_dashboard_url or "/optuna").rstrip("/")
-        return RedirectResponse(f"{base}/dashboard/studies/{study_id}", status_code=303)
-
-    @app.get("/ui/login", include_in_schema=False)
-    async def login_form(request: Request, next: str | None = None) -> Response:
-        try:
-            await caller(request)
-        except ProblemError:
-            return _login(request, safe_next(next))
-        return RedirectResponse(safe_next(next), status_code=303)  # open mode, or signed in already
-
-    @app.post("/ui/login", include_in_schema=False)
-    async def login(request: Request) -> Response:
-        form = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
-        token = form.get("token", [""])[0].strip()
-        target = safe_next(form.get("next", [""])[0])
-        owner = await run_in_threadpool(store.token_owner, token) if token else None
-        if owner is None:
-            return _login(request, target, error="That token is not valid on this server.", status=401)
-        settings = app.state.settings
-        session_id = await run_in_threadpool(store.create_session, owner, settings.session_seconds)
-        response = RedirectResponse(target, status_code=303)
-        response.set_cookie(
-            SESSION_COOKIE,
-            session_id,
-            max_age=int(settings.session_seconds),
-            httponly=True,
-            samesite="strict",
-            path="/",
-            secure=settings.secure_cookies or request.url.scheme == "https",
-        )
-        return response
-
-    @app.post("/ui/logout", include_in_schema=False)
-    def logout(request: Request) -> Response:
-        session_id = request.cookies.get(SESSION_COOKIE, "")
-        if session_id:
-            store.end_session(session_id)  # revoked on the server, not only forgotten by this browser
-        response = RedirectResponse("/ui/login", status_code=303)
-        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
-        return response
 
 
 def _login(request: Request, target: str, error: str | None = None, status: int = 200) -> HTMLResponse:
