@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.testing import LiveServer, LoopbackCluster, kill_drivers
+from service.testing import LiveServer, LoopbackCluster, kill_drivers, server_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,16 +175,7 @@ def main() -> None:
         cluster.add_node("b", num_cpus=1)
         data = work / "server"
         data.mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KOALA_", "RAY_ADDRESS"))}
-        env.update(cluster.env)
-        env.update(
-            {
-                "KOALA_DATA_DIR": str(data),
-                "KOALA_DATABASE_URL": f"sqlite:///{data / 'koala.db'}",
-                "KOALA_SCHEDULER_SECONDS": "0.5",
-            }
-        )
-        server = LiveServer(data, env, cwd=work).start()
+        server = LiveServer(data, server_environment(data, env=cluster.env), cwd=work).start()
         try:
             run_once(server, installed_spec, None)  # warm-up: the nodes' first workers, the caches
             for repeat in range(args.repeats):
@@ -207,6 +198,13 @@ def main() -> None:
     else:
         shutil.rmtree(work, ignore_errors=True)
 
+    print_table(results)
+    if args.out is not None:
+        save(args.out, args.repeats, results)
+
+
+def print_table(results: dict[str, list[dict[str, float]]]) -> None:
+    """Medians per configuration, and what each adds to the installed workload's."""
     base = {key: statistics.median(r[key] for r in results["installed"]) for key in results["installed"][0]}
     header = ["submitted", "first trial", "first epoch", "added (trial)", "added (epoch)"]
     steps = ["ship", "check", "boot", "imports"]
@@ -223,15 +221,17 @@ def main() -> None:
         shown = [f"{value:>13.2f}s" for value in cells]
         shown += [f"{median[key]:>13.2f}s" if key in median else f"{'-':>14}" for key in steps]
         print(f"{name:<18}" + "".join(shown))
-    if args.out is not None:
-        record = {
-            "at": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-            "repeats": args.repeats,
-            "results": results,
-        }
-        with args.out.open("a") as out:
-            out.write(json.dumps(record) + "\n")
+
+
+def save(path: Path, repeats: int, results: dict[str, list[dict[str, float]]]) -> None:
+    record = {
+        "at": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "repeats": repeats,
+        "results": results,
+    }
+    with path.open("a") as out:
+        out.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
