@@ -1,5 +1,5 @@
 """What the optimizer tests share: KoalaV and KoalaM by registry name, the constructor arguments that choose each CPU
-path, and a small regression problem with per-sample losses."""
+path, a small regression problem with per-sample losses, and training with the step compiled or not."""
 
 from __future__ import annotations
 
@@ -45,3 +45,28 @@ def regression_batch(seed: int, n: int = 32) -> tuple[torch.Tensor, torch.Tensor
 
 def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (model(x) - y).pow(2).squeeze(1)  # (B,)
+
+
+# ---- training, the step compiled or eager ------------------------------------------------------------------------
+
+
+def trained_weights(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    losses_of: Callable[[int], torch.Tensor],
+    steps: int,
+    compile_options: dict[str, Any] | None = None,
+) -> list[torch.Tensor]:
+    """The weights after `steps` steps on the per-sample losses `losses_of(k)`; the step runs under
+    `torch.compile(**compile_options)` when they are given, eagerly otherwise."""
+
+    def step(losses: torch.Tensor) -> None:
+        opt.step(loss=losses)
+
+    run_step = torch.compile(step, **compile_options) if compile_options is not None else step
+    for k in range(steps):
+        losses = losses_of(k)
+        opt.zero_grad()
+        losses.mean().backward()
+        run_step(losses.detach())
+    return [p.detach().clone() for p in model.parameters()]

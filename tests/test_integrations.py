@@ -12,7 +12,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.optimizer_cases import OPTIMIZERS, parametrize_opt, per_sample_loss, regression_batch, regression_model
+from tests.optimizer_cases import (
+    OPTIMIZERS,
+    parametrize_opt,
+    per_sample_loss,
+    regression_batch,
+    regression_model,
+    trained_weights,
+)
 
 # ---- GradScaler ---------------------------------------------------------------------------------------------------
 
@@ -121,15 +128,9 @@ def test_compiled_step_matches_eager(factory: Any) -> None:
         model = regression_model()
         opt = factory(model.parameters(), weight_decay=1e-3)
 
-        def step(losses: torch.Tensor, opt: torch.optim.Optimizer = opt) -> None:
-            opt.step(loss=losses)
+        def losses_of(k: int, model: nn.Module = model) -> torch.Tensor:
+            return per_sample_loss(model, *regression_batch(k))
 
-        run_step = torch.compile(step) if compiled else step
-        for k in range(5):
-            losses = per_sample_loss(model, *regression_batch(k))
-            opt.zero_grad()
-            losses.mean().backward()
-            run_step(losses.detach())
-        trajectories.append([p.detach().clone() for p in model.parameters()])
+        trajectories.append(trained_weights(model, opt, losses_of, 5, {} if compiled else None))
     for a, b in zip(*trajectories, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ registry. CUDA checks run only where torch sees a device."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import os
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from koala import KoalaDiag, diag_cpu_kernels, optimizers
 from koala.koala_diag import per_sample_losses
+from tests.optimizer_cases import trained_weights
 
 STEPS = 40
 LR_CHANGE_AT = 20
@@ -452,17 +454,8 @@ def test_compiled_step_matches_eager() -> None:
         torch._dynamo.reset()
         model = make_model(torch.float32)
         opt = KoalaDiag(model.parameters(), weight_decay=1e-3)
-
-        def step(losses: Tensor, opt: torch.optim.Optimizer = opt) -> None:
-            opt.step(loss=losses)
-
-        run_step = torch.compile(step) if compiled else step
-        for k in range(5):
-            losses = token_losses(model, k)
-            opt.zero_grad()
-            losses.mean().backward()
-            run_step(losses.detach())
-        trajectories.append([p.detach().clone() for p in model.parameters()])
+        losses_of = functools.partial(token_losses, model)
+        trajectories.append(trained_weights(model, opt, losses_of, 5, {} if compiled else None))
     for a, b in zip(*trajectories, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

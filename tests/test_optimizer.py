@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from koala import KoalaM, KoalaV
 from koala import functional as F
-from tests.optimizer_cases import OPTIMIZERS, PATHS, Factory, parametrize_opt, path_name
+from tests.optimizer_cases import OPTIMIZERS, PATHS, Factory, parametrize_opt, path_name, trained_weights
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -622,17 +622,11 @@ def test_fused_under_torch_compile_takes_torch_ops(factory: Factory) -> None:
         model = make_model()
         opt = factory(model.parameters(), weight_decay=1e-3, fused=fused)
 
-        def step(losses: torch.Tensor, opt: torch.optim.Optimizer = opt) -> None:
-            opt.step(loss=losses)
-
-        run_step = torch.compile(step, backend="eager") if compiled else step
-        for k in range(4):
+        def losses_of(k: int, model: nn.Module = model) -> torch.Tensor:
             x, y = batch(k)
-            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-            opt.zero_grad()
-            losses.mean().backward()
-            run_step(losses.detach())
-        trajectories.append([p.detach().clone() for p in model.parameters()])
+            return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+        trajectories.append(trained_weights(model, opt, losses_of, 4, {"backend": "eager"} if compiled else None))
     for a, b in zip(*trajectories, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
