@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import io
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from service.jobspec import JobSpec
-from service.packs import REQUIREMENTS, PackError, inspect_pack
+from service.packs import REQUIREMENTS
 from service.settings import Settings
 from service.store import Store
 from service.uploads import Uploads
@@ -33,27 +32,20 @@ class WorkloadCheckError(Exception):
 def runtime_environment(store: Store, settings: Settings, spec: JobSpec, into: Path) -> dict[str, Any]:
     """Ray's runtime environment for the job's workers: the job's pack, written to `into`, as their working
     directory (and its requirements for pip, where the operator allows installs). The pack is read, never
-    unpacked or imported here."""
+    unpacked or imported here: its bytes must match its digest, so they are the bytes checked when it was uploaded."""
     digest = spec.upload
     if digest is None:
         return {}
-    data = Uploads(store).data(digest)
-    if data is None:
+    stored = Uploads(store).pack(digest)
+    if stored is None:
         raise WorkloadCheckError(
             f"upload {digest} is no longer stored (deleted by its owner, or past its retention period); "
             "submit the job again with the workload directory"
         )
+    data, requirements = stored
     if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
         raise WorkloadCheckError(f"the stored bytes of upload {digest} do not match its digest")
-    try:
-        info = inspect_pack(
-            io.BytesIO(data),
-            max_files=settings.max_upload_files,
-            max_unpacked_bytes=settings.max_upload_unpacked_bytes,
-        )
-    except PackError as error:
-        raise WorkloadCheckError(f"upload {digest} is not a pack this server accepts: {error}") from None
-    if info.requirements and not settings.allow_package_installs:
+    if requirements and not settings.allow_package_installs:
         raise WorkloadCheckError(
             f"upload {digest} has a {REQUIREMENTS}, and this server does not install packages "
             "(KOALA_ALLOW_PACKAGE_INSTALLS)"
@@ -63,8 +55,8 @@ def runtime_environment(store: Store, settings: Settings, spec: JobSpec, into: P
     pack.write_bytes(data)
     # A local zip archive: Ray uploads it to the cluster as it is and unpacks it, top directory kept, on each node.
     environment: dict[str, Any] = {"working_dir": str(pack)}
-    if info.requirements:
-        environment["pip"] = {"packages": info.requirements, "pip_check": False}
+    if requirements:
+        environment["pip"] = {"packages": requirements, "pip_check": False}
     return environment
 
 

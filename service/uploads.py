@@ -226,11 +226,11 @@ class Uploads:
             self._delete_orphans(db)
         return []
 
-    def data(self, digest: str) -> bytes | None:
-        """The bytes of a stored pack."""
+    def pack(self, digest: str) -> tuple[bytes, list[str]] | None:
+        """The bytes of a stored pack and the requirements its check at upload found in it."""
         with self.engine.connect() as db:
-            value = db.execute(sa.select(blobs.c.data).where(blobs.c.digest == digest)).scalar()
-        return bytes(value) if value is not None else None
+            row = db.execute(sa.select(blobs.c.data, blobs.c.requirements).where(blobs.c.digest == digest)).first()
+        return (bytes(row.data), list(row.requirements)) if row is not None else None
 
     def sweep(self, retention_seconds: float) -> int:
         """Delete the uploads whose last use and whose jobs' ends are `retention_seconds` past (none of whose jobs
