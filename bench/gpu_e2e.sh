@@ -2,12 +2,12 @@
 # GPU trials through the service, end to end, in one run: starts `koala serve` (PostgreSQL when one answers at
 # 127.0.0.1:5432, else SQLite) with its Ray head, writes a small CIFAR-10 in the real python-pickle format under
 # $KOALA_DATA_DIR/datasets/cifar-10-batches-py, and submits two JobSpecs at once, digits-cnn and cifar10-resnet18
-# (limit_train), each comparing KOALA-V and KOALA-M at their defaults with SGD and an Optuna-tuned Adam, every trial
-# asking for `resources: {gpu: 0.5}` (two trials per GPU). It waits for both, and saves under OUT_DIR: per job the
-# spec, the job, its trials (device and node per trial) and its report; `nvidia-smi --query-gpu` samples every 0.5 s
-# while the jobs run; a bf16-autocast training run on CUDA; the optimizer step benchmark on CUDA
-# (bench/optimizer_step.py --device cuda); and summary.md: trials per minute, GPU utilisation while trials ran, and
-# the KOALA step times over fused Adam's.
+# (limit_train), each comparing KOALA-V, KOALA-M and KOALA-Diag at their defaults with SGD and an Optuna-tuned Adam,
+# every trial asking for `resources: {gpu: 0.5}` (two trials per GPU). It waits for both, and saves under OUT_DIR: per
+# job the spec, the job, its trials (device and node per trial) and its report; `nvidia-smi --query-gpu` samples every
+# 0.5 s while the jobs run; a bf16-autocast training run on CUDA per KOALA variant; the optimizer step benchmark on CUDA
+# (bench/optimizer_step.py --device cuda); and summary.md: trials per minute, GPU utilisation while trials ran, and the
+# KOALA step times over fused Adam's.
 #
 # On a machine without a CUDA device it runs the same jobs on the CPU (resources gpu 0) and skips the GPU parts,
 # saying so. Sizes come from the environment (defaults in brackets): E2E_EPOCHS [3], E2E_SEEDS [2],
@@ -159,6 +159,7 @@ batch = int(env.get("E2E_BATCH", "128"))
 optimizers = [
     {"name": "koala-v"},
     {"name": "koala-m"},
+    {"name": "koala-diag"},
     {"name": "sgd", "params": {"lr": 0.05, "momentum": 0.9}},
     {"name": "adam", "search": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}},
      "trials": int(env.get("E2E_ADAM_TRIALS", "4"))},
@@ -246,7 +247,7 @@ import json, time
 from koala import train
 
 rows = []
-for optimizer in ("koala-v", "koala-m"):
+for optimizer in ("koala-v", "koala-m", "koala-diag"):
     started = time.perf_counter()
     result = train.run("digits-cnn", optimizer, seed=0, epochs=5, device="cuda", amp=True)
     rows.append({"optimizer": optimizer, "diverged": result.diverged, "val_accuracy": result.final("val_accuracy"),

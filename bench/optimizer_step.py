@@ -526,6 +526,8 @@ def sync_debug_check(steps: dict[str, Step], device: torch.device) -> dict[str, 
         "KoalaM(foreach=True)",
         "KoalaV(foreach=True, torch ops)",
         "KoalaM(foreach=True, torch ops)",
+        "KoalaDiag(foreach=True)",
+        "KoalaDiag(foreach=True, torch ops)",
         "OfficialStyleKoalaV (reference loop)",
         "OfficialStyleKoalaM (reference loop)",
     ):

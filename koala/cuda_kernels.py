@@ -95,6 +95,14 @@ class Workspace:
         self.key: tuple[Any, ...] | None = None  # what the cached plan was built for (see `_plan_key`)
         self.runs: list[Run] = []  # the cached plan's runs
         self.builds = 0  # plans built in full; the other steps reused the cached one
+        self._buffers: dict[str, Tensor] = {}
+
+    def buffer(self, name: str, *shape: int) -> Tensor:
+        """A float64 device buffer by name, allocated at its first use (for variants with kernels of their own)."""
+        found = self._buffers.get(name)
+        if found is None or found.shape != shape:
+            found = self._buffers[name] = torch.empty(shape, dtype=torch.float64, device=self.device)
+        return found
 
 
 def _staged(host: np.ndarray, device: torch.device) -> Tensor:
@@ -150,7 +158,6 @@ def plan(
         return Layout(workspace, list(velocities), list(averages))
     pointers = []
     keys = []
-    with_state = bool(velocities)
     for b, x in enumerate(blocks.params):
         dtype = x.dtype
         if dtype not in _DTYPES or x.device != filter_device or not x.is_contiguous():
@@ -159,12 +166,12 @@ def plan(
         if g is not None and (g.dtype != dtype or g.device != filter_device or not g.is_contiguous()):
             return None
         row = [x.data_ptr(), 0 if g is None else g.data_ptr(), 0, 0]
-        if with_state:
-            v, a = velocities[b], averages[b]
-            for t in (v, a):
+        for column, kind in ((_V, velocities), (_AVG, averages)):  # a variant may keep one kind of state, or none
+            if kind:
+                t = kind[b]
                 if t.dtype != dtype or t.device != filter_device or not t.is_contiguous():
                     return None
-            row[_V], row[_AVG] = v.data_ptr(), a.data_ptr()
+                row[column] = t.data_ptr()
         pointers.append(row)
         keys.append((dtype, blocks.lrs[b], blocks.weight_decays[b], g is not None))
     numels = tuple(x.numel() for x in blocks.params)

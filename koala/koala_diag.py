@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from koala import diag_cpu_kernels
+from koala import diag_cpu_kernels, diag_cuda_kernels
 from koala import functional as F
 from koala.functional import COVARIANCE, MEASUREMENT_NOISE, SECOND_MOMENT, STEP
 from koala.optim import (
@@ -79,7 +79,8 @@ class KoalaDiag(_KalmanOptimizer):
     if it never had per-sample losses): documented as degraded. Under DDP the loss moments (sum, sum of squares,
     count of the per-sample losses) are all-reduced, so every replica takes the identical step. `eval()`/`train()`
     are no-ops, as for KOALA-V. `step()` does not synchronise with the device; the multi-tensor path runs fused
-    Numba kernels on the CPU (two passes over memory) and `torch._foreach_*` elsewhere (there is no CUDA kernel).
+    kernels, two passes over memory: Numba on the CPU (`koala.diag_cpu_kernels`), Triton on CUDA
+    (`koala.diag_cuda_kernels`), and `torch._foreach_*` elsewhere and under `torch.compile`.
 
     Args:
         params: parameters or parameter groups (per-group `lr` and `weight_decay` are honoured).
@@ -92,13 +93,12 @@ class KoalaDiag(_KalmanOptimizer):
         noise_decay: EMA coefficient beta_R of the adaptive R (default 0.9).
         weight_decay: lam, coupled L2 (default 0).
         foreach: the multi-tensor path (True), the single-tensor loop (False), or None to choose by device.
-        fused: how the multi-tensor path runs: its fused CPU kernels (True, also with foreach=False; a RuntimeError
+        fused: how the multi-tensor path runs: its fused kernels (True, also with foreach=False; a RuntimeError
             where they do not apply to the tensors), `torch._foreach_*` (False), or None (default) for the kernels
-            where they apply, unless KOALA_CPU_KERNELS=0, and `torch._foreach_*` elsewhere.
+            where they apply, unless KOALA_CPU_KERNELS=0 on the CPU, and `torch._foreach_*` elsewhere.
     """
 
     _variant = "KOALA-Diag"
-    _DEVICE_KERNELS = False  # the fused kernels are the CPU ones only
     _HYPERPARAMETERS = (
         *_KalmanOptimizer._HYPERPARAMETERS,
         "initial_covariance",
@@ -171,12 +171,23 @@ class KoalaDiag(_KalmanOptimizer):
         if STEP not in state:
             self._init_state(blocks)
         path = self._path(blocks)
-        assert isinstance(path, F.HostPath)  # (no kernel path: `_DEVICE_KERNELS` is False)
         samples = per_sample_losses(measured.detach())
         moments = path.loss_moments(samples, state[COVARIANCE].device, state[COVARIANCE].dtype)
         if _distributed():
             dist.all_reduce(moments)  # global sum, sum of squares and count: every replica takes the same step
-        if path.kernels:
+        if isinstance(path, F.KernelPlan):
+            # Triton kernels: the filter runs on the device, its state is updated in place, nothing is read back.
+            diag_cuda_kernels.step(
+                blocks,
+                path.layout,
+                moments,
+                state,
+                noise_decay=None if self.measurement_noise is not None else self.noise_decay,
+                beta2=self.beta2,
+                eps=self.eps,
+                process_noise=self.process_noise,
+            )
+        elif path.kernels:
             with path.errstate():  # NaN statistics are masked, not errors
                 self._fused_step(blocks, moments.numpy(), state, path)
         else:

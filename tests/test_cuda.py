@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from koala import KoalaM, KoalaV
+from koala import KoalaDiag, KoalaM, KoalaV
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
+OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM, "koala-diag": KoalaDiag}
 parametrize_opt = pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 
 
@@ -153,7 +153,7 @@ def test_compiled_step_matches_eager_on_cuda(factory: Any) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["koala-v", "koala-m"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_training_loop_on_cuda_with_resume(optimizer: str, tmp_path: Any) -> None:
     """The training loop on the GPU with bf16 autocast: it learns, and a resumed run follows the uninterrupted one."""
     from koala import train

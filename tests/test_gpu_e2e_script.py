@@ -49,14 +49,14 @@ def test_gpu_e2e_runs_on_a_cpu_machine(tmp_path: Path) -> None:
         assert spec["resources"] == {"cpu": 1, "gpu": 0}  # {gpu: 0.5} where there is a GPU
         assert json.loads((folder / "job.json").read_text())["state"] == "succeeded"
         trials = json.loads((folder / "trials.json").read_text())
-        assert len(trials) == 6  # koala-v, koala-m, sgd on one seed; adam: 2 tuning trials and its best on the seed
+        assert len(trials) == 7  # koala-v, koala-m, koala-diag, sgd on one seed; adam: 2 tuning trials and its best
         assert {t["device"] for t in trials} == {"cpu"}
         assert all(t["state"] == "complete" and t["started_at"] and t["finished_at"] for t in trials)
         report = json.loads((folder / "report.json").read_text())
-        assert {row["optimizer"] for row in report["optimizers"]} == {"koala-v", "koala-m", "sgd", "adam"}
+        assert {row["optimizer"] for row in report["optimizers"]} == {"koala-v", "koala-m", "koala-diag", "sgd", "adam"}
     summary = (out / "summary.md").read_text()
-    assert "| digits-cnn | succeeded | 6 | cpu |" in summary
-    assert "| cifar10-resnet18 | succeeded | 6 | cpu |" in summary
+    assert "| digits-cnn | succeeded | 7 | cpu |" in summary
+    assert "| cifar10-resnet18 | succeeded | 7 | cpu |" in summary
     assert "GPU utilisation: skipped (no CUDA device)" in summary
     assert not (out / "nvidia_smi.csv").exists()
     assert not (out / "step_cuda.json").exists()

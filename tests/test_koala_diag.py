@@ -310,8 +310,9 @@ def test_errors() -> None:
             KoalaDiag(params, **kwargs)
     with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
         KoalaDiag(params, fused=True, foreach=True)
-    with pytest.raises(RuntimeError, match=r"take float32/float64 CPU tensors, got a torch\.float32 parameter on meta"):
-        KoalaDiag([nn.Parameter(torch.ones(2, device="meta"))], fused=True)  # (no CUDA kernel: the CPU ones only)
+    meta = r"take float32/float64 CPU tensors and CUDA tensors \(with Triton\), got a torch\.float32 parameter on meta"
+    with pytest.raises(RuntimeError, match=meta):
+        KoalaDiag([nn.Parameter(torch.ones(2, device="meta"))], fused=True)
     opt = KoalaDiag(params)
     with pytest.raises(TypeError, match="neither"):
         opt.step()
