@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -206,6 +207,31 @@ def test_out_of_range_specs_are_refused_naming_the_field(
     assert client.get("/v1/jobs").json()["jobs"] == []
 
 
+def test_the_deployments_caps_come_from_settings(api_factory: ApiFactory) -> None:
+    limits = {"max_epochs": 5, "max_seeds": 2, "max_trials": 1, "max_concurrent_trials": 1, "min_cpu": 2}
+    client = api_factory(limits=limits).anonymous
+    fits = {
+        "epochs": 5,
+        "seeds": 2,
+        "max_concurrent_trials": 1,
+        "resources": {"cpu": 2},
+        "optimizers": [{"name": "sgd"}],
+    }
+    tuned = [{"name": "adam", "search": {"lr": {"low": 1e-3, "high": 1e-1}}, "trials": 2}]
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"epochs": 6}, "epochs", "at most 5"),
+        ({"seeds": 3}, "seeds", "at most 2"),
+        ({"optimizers": tuned}, "optimizers.0.trials", "at most 1"),
+        ({"max_concurrent_trials": 2}, "max_concurrent_trials", "at most 1"),
+        ({"resources": {"cpu": 1}}, "resources.cpu", "at least 2"),
+    ]
+    for change, field, says in cases:
+        body = problem(client.post("/v1/jobs", json=tiny_spec(**{**fits, **change})), 422)
+        assert [e["field"] for e in body["errors"]] == [field], body
+        assert says in body["detail"], body["detail"]
+    assert client.post("/v1/jobs", json=tiny_spec(**fits)).status_code == 202
+
+
 def test_a_workload_named_by_module_is_refused_without_importing_it(
     open_api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -348,6 +374,16 @@ def test_readiness_details_need_a_token(token_api: tuple[Api, dict[str, str]]) -
     assert detailed["ray"].startswith("local")
 
 
+def test_readiness_failures_are_explained_only_to_a_token(
+    token_api: tuple[Api, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api, tokens = token_api
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a Ray cluster that does not answer
+    assert problem(api.anonymous.get("/readyz"), 503)["detail"] == "not ready"
+    detail = problem(api.client(tokens["alice"]).get("/readyz"), 503)["detail"]
+    assert "unreachable at 127.0.0.1:1" in detail
+
+
 # ---- who sees what -------------------------------------------------------------------------------------------------
 
 
@@ -417,6 +453,20 @@ def test_token_list_and_revoke_take_effect_at_once(token_api: tuple[Api, dict[st
     missing = api.koala("token", "revoke", "nobody")
     assert missing.exit_code == 1
     assert "nobody" in missing.stderr
+
+
+def test_koala_token_create_admin_and_revoke_by_id(token_api: tuple[Api, dict[str, str]]) -> None:
+    api, tokens = token_api
+    created = api.koala("token", "create", "--admin", "--name", "ops")
+    assert created.exit_code == 0, created.output
+    token = created.stdout.strip()
+    (info,) = [t for t in api.store.list_tokens() if t.name == "ops"]
+    assert info.admin
+    ops = api.client(token)
+    assert ops.get(f"/v1/jobs/{tokens['ownerless-job']}").status_code == 200  # an admin sees the ownerless job
+    revoked = api.koala("token", "revoke", info.id)
+    assert revoked.exit_code == 0, revoked.output
+    problem(ops.get("/v1/jobs"), 401)
 
 
 # ---- checks before any route: Host, size, origin, credentials, sessions -------------------------------------------
@@ -500,3 +550,30 @@ def test_sessions_are_random_ids_not_tokens_and_end_on_logout(token_api: tuple[A
     problem(replayed.get("/v1/jobs"), 401)
     alice = api.client(tokens["alice"])  # a bearer request is never a cross-site one
     assert alice.get("/v1/jobs", headers={"Origin": "https://evil.example"}).status_code == 200
+
+
+def test_login_is_bounded_and_same_origin(token_api: tuple[Api, dict[str, str]]) -> None:
+    api, tokens = token_api
+    form = {"content-type": "application/x-www-form-urlencoded", "Origin": BASE_URL}
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams in
+        for _ in range(40):
+            yield b"a" * 65536
+
+    problem(api.anonymous.post("/ui/login", content=chunks(), headers=form), 413)
+    # A page on another site cannot sign a browser in (with the attacker's token, say).
+    elsewhere = api.client(Origin="https://evil.example")
+    response = elsewhere.post("/ui/login", data={"token": tokens["mallory"], "next": "/ui"})
+    problem(response, 403)
+    assert "koala_session" not in response.cookies
+
+
+def test_secure_cookie_setting_and_session_expiry(api_factory: ApiFactory) -> None:
+    api = api_factory(secure_cookies=True, session_seconds=2)
+    response = login(api, api.store.create_token("alice").token)
+    assert response.status_code == 303
+    assert "secure" in response.headers["set-cookie"].lower()
+    browser = api.client(cookies={"koala_session": response.cookies["koala_session"]})
+    assert browser.get("/v1/jobs").status_code == 200
+    time.sleep(2.5)
+    assert "expired" in problem(browser.get("/v1/jobs"), 401)["detail"]
