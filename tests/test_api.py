@@ -351,6 +351,27 @@ def test_catalogue_and_health(open_api: Api) -> None:
     assert client.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]
 
 
+def test_a_job_compares_koala_diag_with_koala_m(api_factory: ApiFactory) -> None:
+    """KoalaDiag is in the catalogue with its fixed defaults, and a JobSpec may put it next to the faithful KOALA-M."""
+    client = api_factory().anonymous
+    optimizers = {o["name"]: o for o in client.get("/v1/optimizers").json()}
+    assert {"koala-diag", "koalapp"} <= set(optimizers)
+    defaults = {h["name"]: h["default"] for h in optimizers["koala-diag"]["hyperparameters"]}
+    fixed = {"lr": 1.0, "beta2": 0.999, "initial_covariance": 0.1, "process_noise": 1.0, "noise_decay": 0.9}
+    assert {key: defaults[key] for key in fixed} == fixed
+    spec = tiny_spec(optimizers=[{"name": "koala-diag"}, {"name": "koala-m"}, {"name": "koalapp"}])
+    job = client.post("/v1/jobs", json=spec)
+    assert job.status_code == 202, job.text
+    stored = client.get(f"/v1/jobs/{job.json()['id']}").json()
+    assert stored["optimizers"] == ["koala-diag", "koala-m", "koalapp"]
+    assert stored["trials_total"] == 6  # 3 optimizers at their defaults, 2 seeds
+    refused = problem(
+        client.post("/v1/jobs", json=tiny_spec(optimizers=[{"name": "koala-diag", "params": {"momentum": 0.9}}])), 422
+    )
+    assert refused["field"] == "optimizers.0"
+    assert "koala-diag" in refused["detail"]
+
+
 def test_ranges_are_published_in_the_catalogue_and_the_schema(open_api: Api) -> None:
     client = open_api.anonymous
     workloads = {w["name"]: w for w in client.get("/v1/workloads").json()}
