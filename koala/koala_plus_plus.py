@@ -43,7 +43,7 @@ class KoalaPlusPlus(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (per-group `lr` and `weight_decay` are honoured).
-        lr: the target scale eps of KOALA's scheme (b) (default 1.0).
+        lr: the target scale eps of KOALA's scheme (b) (default 1.0); a float or a 1-element tensor.
         sigma: the initial covariance scale, v_0 = sigma H_1 (default 0.1).
         q: the process noise Q (default 0.1).
         measurement_noise: a fixed R > 0, or None (default) for the adaptive EMA of the losses' second moment.
@@ -62,7 +62,12 @@ class KoalaPlusPlus(torch.optim.Optimizer):
         noise_decay: float = 0.9,
         weight_decay: float = 0.0,
     ) -> None:
-        for name, value in (("lr", lr), ("sigma", sigma), ("q", q), ("weight_decay", weight_decay)):
+        lr_value: Any = lr
+        if isinstance(lr, Tensor):  # a 1-element tensor, as torch's optimizers take it (an LR scheduler fills it)
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+            lr_value = lr.item()
+        for name, value in (("lr", lr_value), ("sigma", sigma), ("q", q), ("weight_decay", weight_decay)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"Invalid {name}: {value!r} (expected a finite number >= 0)")
         if measurement_noise is not None and not measurement_noise > 0:

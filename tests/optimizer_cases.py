@@ -1,5 +1,6 @@
-"""What the optimizer tests share: KoalaV and KoalaM by registry name, the constructor arguments that choose each CPU
-path, a small regression problem with per-sample losses, and training with the step compiled or not."""
+"""What the optimizer tests share: KoalaV and KoalaM by registry name (and, for torch's generic contract, every
+optimizer on their shared base), the constructor arguments that choose each CPU path, a small regression problem
+with per-sample losses, and training with the step compiled or not."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from koala import KoalaM, KoalaV
+from koala import KoalaDiag, KoalaM, KoalaV
 
 OPTIMIZERS = {"koala-v": KoalaV, "koala-m": KoalaM}
+#: Every registered optimizer on KOALA's shared base (`koala.optim._KalmanOptimizer`: the step protocol, checkpoints,
+#: copies, the CPU paths): torch's generic contract (tests/test_torch_contract.py and the contract section of
+#: tests/test_optimizer.py) runs over these.
+SHARED_BASE = {**OPTIMIZERS, "koala-diag": KoalaDiag}
 Factory = Callable[..., torch.optim.Optimizer]
 parametrize_opt = pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+parametrize_shared = pytest.mark.parametrize("factory", SHARED_BASE.values(), ids=SHARED_BASE.keys())
 
 #: The constructor arguments that choose each CPU path: the loop, `torch._foreach_*`, the fused Numba kernels.
 PATHS: dict[str, dict[str, Any]] = {

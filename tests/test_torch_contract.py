@@ -1,5 +1,5 @@
-"""torch's generic optimizer tests (test/test_optim.py, TestOptimRenewed) for KoalaV and KoalaM: a table of
-optimizers x properties.
+"""torch's generic optimizer tests (test/test_optim.py, TestOptimRenewed) for KoalaV, KoalaM and KoalaDiag (every
+optimizer on KOALA's shared base) and for the KOALA++ baseline KoalaPlusPlus: a table of optimizers x properties.
 
 torch runs them over `OptimizerInfo`s (torch.testing._internal.common_optimizers), which cannot be imported here (the
 module needs torch's test-only dependencies), so each property is restated with torch's inputs where they fit KOALA.
@@ -8,15 +8,24 @@ a backward, these call `step(closure)` or `step(loss=...)`. The erroring inputs,
 `test_errors` in test_optimizer.py.
 
 Not restated, because KOALA has no such feature: the `maximize`, `capturable` and `differentiable` flags, sparse
-gradients and complex parameters (refused with an error). Not here either: the tests that need CUDA or several
-devices (state dicts moved to CUDA, peak memory, large tensors, parameters spread over devices); tests/test_cuda.py
+gradients and complex parameters (refused with an error); test_optim_infos_do_not_specify_global_cliquey_kwargs,
+which checks torch's OptimizerInfo tables, not an optimizer. test_fused_error_on_params_on_meta: KOALA checks the
+tensors of `fused=True` at construction, so meta parameters are refused there (test_errors); the rest of torch's
+test steps an optimizer whose parameters `to_empty` replaced, a no-op. Not here either: the tests that need CUDA or
+several devices (state dicts moved to CUDA, CPU state dicts loaded by a fused CUDA optimizer, fused CPU vs CUDA,
+the found_inf of a fused AMP step, peak memory, large tensors, parameters spread over devices); tests/test_cuda.py
 holds KOALA's CUDA checks.
+
+KoalaPlusPlus is written on `torch.optim.Optimizer` directly, as one loop over tensors: the cells of the table that
+need what only the shared base has (several paths, the step counter, options added since the first release) are in
+NOT_APPLICABLE, with the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +37,12 @@ from torch.nn import Parameter
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from koala import KoalaDiag, KoalaPlusPlus
 from koala import functional as F
-from tests.optimizer_cases import OPTIMIZERS, PATHS, Factory, path_name
+from tests.optimizer_cases import PATHS, SHARED_BASE, Factory, path_name
+
+#: The table's optimizers: the shared base and the KOALA++ baseline.
+FACTORIES: dict[str, Factory] = {**SHARED_BASE, "koalapp": KoalaPlusPlus}
 
 Check = Callable[[Factory], None]
 PROPERTIES: dict[str, Check] = {}
@@ -45,6 +58,14 @@ SCHEDULERS: list[list[Callable[[torch.optim.Optimizer], Any]]] = [
 def prop(check: Check) -> Check:
     PROPERTIES[check.__name__] = check
     return check
+
+
+def foreach_choices(factory: Factory) -> list[dict[str, Any]]:
+    """foreach=False, True and None (the loop, the multi-tensor path, the default) for an optimizer that has them;
+    the one path of an optimizer without the flag (KoalaPlusPlus)."""
+    if "foreach" not in inspect.signature(factory).parameters:
+        return [{}]
+    return [{"foreach": foreach} for foreach in (False, True, None)]
 
 
 def quadratic(weight: Tensor, bias: Tensor, inpt: Tensor) -> Tensor:
@@ -93,7 +114,7 @@ def forloop_goes_right_direction(factory: Factory) -> None:
     """test_forloop_goes_right_direction: contiguous and non-contiguous parameters, with each scheduler; here on
     every path (the loop, foreach, the fused CPU kernels)."""
     for contiguous in (True, False):
-        for foreach in (False, True, None):
+        for choice in foreach_choices(factory):
             for schedulers_c in SCHEDULERS:
                 torch.manual_seed(0)
                 if contiguous:
@@ -102,14 +123,14 @@ def forloop_goes_right_direction(factory: Factory) -> None:
                     weight = Parameter(torch.randn(10, 5, 2)[..., 0])
                     bias = Parameter(torch.randn(10, 2)[..., 0])
                 inpt = torch.randn(5)
-                opt = factory([weight, bias], foreach=foreach)
+                opt = factory([weight, bias], **choice)
                 schedulers = [s(opt) for s in schedulers_c]
                 closure = closure_for(opt, lambda w=weight, b=bias, i=inpt: quadratic(w, b, i))
                 initial = closure().item()
                 for _ in range(20):
                     loss = opt.step(closure)
                     step_schedulers(schedulers, loss)
-                assert closure().item() < initial, (contiguous, foreach, schedulers)
+                assert closure().item() < initial, (contiguous, choice, schedulers)
 
 
 @prop
@@ -130,13 +151,13 @@ def param_group_with_lrscheduler_goes_right_direction(factory: Factory) -> None:
 def tensor_lr(factory: Factory) -> None:
     """test_tensor_lr: a 1-element tensor lr steps exactly like the float (float64 tensors, so that the values a
     scheduler writes into it are the float's), on every path and under a scheduler."""
-    for foreach in (False, True, None):
+    for choice in foreach_choices(factory):
         for schedulers_c in SCHEDULERS[:2]:
             outcomes = []
             for lr in (0.5, torch.tensor(0.5, dtype=torch.float64)):
                 torch.manual_seed(0)
                 weight, bias, inpt = Parameter(torch.randn(10, 5)), Parameter(torch.randn(10)), torch.randn(5)
-                opt = factory([weight, bias], lr=lr, foreach=foreach)
+                opt = factory([weight, bias], lr=lr, **choice)
                 schedulers = [s(opt) for s in schedulers_c]
                 closure = closure_for(opt, lambda w=weight, b=bias, i=inpt: quadratic(w, b, i))
                 for _ in range(12):
@@ -169,12 +190,14 @@ def _derived_run(factory: Factory, dtype: torch.dtype, **kwargs: Any) -> tuple[l
 
 @prop
 def foreach_matches_forloop(factory: Factory) -> None:
-    """test_foreach_matches_forloop and test_fused_matches_forloop (float64): params and every state entry agree
-    between the loop, foreach and the fused CPU kernels, with a 0-d and a zero-element parameter last, a step without
-    gradients and a frozen layer."""
-    reference = _derived_run(factory, torch.float64, **PATHS["single"])
-    for path in ("foreach", "fused"):
-        torch.testing.assert_close(_derived_run(factory, torch.float64, **PATHS[path]), reference)
+    """test_foreach_matches_forloop and test_fused_matches_forloop, in float64 and float32 (the fused kernels take no
+    half precision: test_errors): params and every state entry agree between the loop, foreach and the fused CPU
+    kernels, within torch's default tolerances, with a 0-d and a zero-element parameter last, a step without gradients
+    and a frozen layer."""
+    for dtype in (torch.float64, torch.float32):
+        reference = _derived_run(factory, dtype, **PATHS["single"])
+        for path in ("foreach", "fused"):
+            torch.testing.assert_close(_derived_run(factory, dtype, **PATHS[path]), reference)
 
 
 @prop
@@ -242,8 +265,8 @@ def param_groups_lr(factory: Factory) -> None:
 def step_is_noop_when_params_have_no_grad(factory: Factory) -> None:
     params = [torch.randn(2, 3, requires_grad=False) for _ in range(2)]
     old = [p.clone() for p in params]
-    for foreach in (False, True, None):
-        opt = factory(params, foreach=foreach)
+    for choice in foreach_choices(factory):
+        opt = factory(params, **choice)
         opt.step(lambda: torch.tensor([1.0]))
         assert len(opt.state) == 0
     assert all(torch.equal(p, q) for p, q in zip(params, old, strict=True))
@@ -251,19 +274,24 @@ def step_is_noop_when_params_have_no_grad(factory: Factory) -> None:
 
 @prop
 def step_is_noop_for_zero_grads(factory: Factory) -> None:
+    """(KoalaDiag reports the skipped step with a RuntimeWarning; the others skip it silently.)"""
     param = torch.randn(5, 1, requires_grad=True)
     old = param.detach().clone()
-    for foreach in (False, True, None):
-        opt = factory([param], foreach=foreach)
+    for choice in foreach_choices(factory):
+        opt = factory([param], **choice)
         param.grad = torch.zeros_like(param)
-        opt.step(lambda: torch.tensor([1.0]))
+        expect: Any = contextlib.nullcontext()
+        if factory is KoalaDiag:
+            expect = pytest.warns(RuntimeWarning, match="no tensor has a gradient norm of at least 1e-9")
+        with expect:
+            opt.step(lambda: torch.tensor([1.0]))
         equal(param.detach(), old)
 
 
 @prop
 def optimizer_can_be_printed(factory: Factory) -> None:
     params = [Parameter(torch.randn(2, 3)) for _ in range(2)]
-    for kwargs in ({}, {"lr": 0.5, "weight_decay": 0.1, "foreach": False}, {"lr": torch.tensor(0.5)}):
+    for kwargs in ({}, {"lr": 0.5, "weight_decay": 0.1, **foreach_choices(factory)[0]}, {"lr": torch.tensor(0.5)}):
         text = repr(factory(params, **kwargs))
         assert text.startswith(f"{factory.__name__} (")
 
@@ -481,7 +509,7 @@ def load_state_dict_pre_and_post_hooks(factory: Factory) -> None:
         opt.load_state_dict(state_dict)
         assert opt.state["ran_load_state_dict_pre_hook2"] is True  # type: ignore[index]
         assert opt.state["ran_load_state_dict_post_hook"] is True  # type: ignore[index]
-        if stepped:
+        if stepped and factory in SHARED_BASE.values():
             assert seen[0]["step"].dtype == torch.float64
             assert seen[0]["covariance"].dtype == torch.float64
 
@@ -566,18 +594,24 @@ def deepcopy_copies_all_public_attrs(factory: Factory) -> None:
     opt = factory(params)
     for _ in range(3):
         opt.step(dummy_closure)
+    copied = copy.deepcopy(opt)
     public = {k for k in vars(opt) if not k.startswith("_")}
-    assert public == {k for k in vars(copy.deepcopy(opt)) if not k.startswith("_")}
-    assert {"measurement_noise", "noise_decay", "initial_covariance"} <= public
+    assert public == {k for k in vars(copied) if not k.startswith("_")}
+    # The constructor's hyperparameters other than the groups' options are attributes, and the copy has their values.
+    hyperparameters = set(inspect.signature(factory).parameters) - {"params", "lr", "weight_decay", "foreach", "fused"}
+    assert hyperparameters <= public
+    assert {k: getattr(copied, k) for k in hyperparameters} == {k: getattr(opt, k) for k in hyperparameters}
 
 
 @prop
 def step_returns_the_closures_loss(factory: Factory) -> None:
     """test_second_order_optims_return_consistent_types, for an optimizer that needs its loss: step() returns what
-    the closure returned (same object, same type) whether the step is taken, skipped (non-finite) or a no-op."""
+    the closure returned (same object, same type) whether the step is taken, skipped (a non-finite loss, on the shared
+    base: KoalaPlusPlus has no skip rule) or a no-op."""
     params = [Parameter(torch.randn(10, 5)), Parameter(torch.randn(10))]
     opt = factory(params)
-    for returned in (torch.tensor([10.0]), 10.0, 10, torch.tensor([float("nan")])):
+    non_finite = [torch.tensor([float("nan")])] if factory in SHARED_BASE.values() else []
+    for returned in (torch.tensor([10.0]), 10.0, 10, *non_finite):
         for with_grad in (True, False):
             for p in params:
                 p.grad = torch.rand_like(p) if with_grad else None
@@ -597,8 +631,9 @@ def non_empty_state(factory: Factory) -> None:
     opt.zero_grad()
     model(inpt).sum().backward()
     opt.step(lambda: 1.0)
-    opt.eval()  # type: ignore[attr-defined]
-    opt.train()  # type: ignore[attr-defined]
+    if factory in SHARED_BASE.values():  # (KoalaPlusPlus has no eval/train)
+        opt.eval()  # type: ignore[attr-defined]
+        opt.train()  # type: ignore[attr-defined]
     assert len(opt.state) > 0
     for state in opt.state.values():
         assert len(state) > 0
@@ -607,9 +642,9 @@ def non_empty_state(factory: Factory) -> None:
 @prop
 def zero_grad(factory: Factory) -> None:
     """Optimizer.zero_grad, as inherited: set_to_none (the default) drops the gradients, False zeroes them."""
-    for foreach in (False, None):
+    for choice in foreach_choices(factory):
         model = nn.Linear(3, 2)
-        opt = factory(model.parameters(), foreach=foreach)
+        opt = factory(model.parameters(), **choice)
         model(torch.rand(4, 3)).sum().backward()
         opt.zero_grad(set_to_none=False)
         assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
@@ -653,7 +688,23 @@ def filter_dtype_ignores_default_dtype(factory: Factory) -> None:
     equal(outcomes[2], outcomes[0])
 
 
-@pytest.mark.parametrize("check", PROPERTIES.values(), ids=PROPERTIES.keys())
-@pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+_ONE_PATH = "one path, a loop over tensors"
+#: The cells that do not apply, with the reason.
+NOT_APPLICABLE: dict[tuple[str, str], str] = {
+    ("koalapp", "foreach_matches_forloop"): _ONE_PATH,
+    ("koalapp", "mixed_dtypes_match_forloop"): _ONE_PATH,
+    ("koalapp", "defaults_to_multi_tensor"): _ONE_PATH,
+    ("koalapp", "can_load_older_state_dict"): "no param-group option added since its first release",
+    ("koalapp", "load_nontensor_step"): "no step counter in its state",
+}
+CELLS = [
+    pytest.param(factory, check, id=f"{name}-{check_name}")
+    for name, factory in FACTORIES.items()
+    for check_name, check in PROPERTIES.items()
+    if (name, check_name) not in NOT_APPLICABLE
+]
+
+
+@pytest.mark.parametrize(("factory", "check"), CELLS)
 def test_torch_generic_property(factory: Factory, check: Check) -> None:
     check(factory)
