@@ -255,8 +255,11 @@ class KoalaDiag(_KalmanOptimizer):
         return take, updated, coefficients
 
     def _numels(self, blocks: F.Blocks, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """Element counts of the blocks on the filter device, built once (a host-to-device copy at the first step)."""
+        """Element counts of the blocks on the filter device, built once (a host-to-device copy at the first step);
+        a constant of the graph under `torch.compile`, which must not see the optimizer's attributes change."""
         key = (device, dtype, tuple(p.numel() for p in blocks.params))
+        if torch.compiler.is_compiling():
+            return torch.tensor([float(n) for n in key[2]], dtype=dtype, device=device)
         if self._numel_cache is None or self._numel_cache[0] != key:
             values = torch.tensor([float(n) for n in key[2]], dtype=dtype).to(device)
             self._numel_cache = (key, values)
@@ -317,10 +320,15 @@ class KoalaDiag(_KalmanOptimizer):
         work = []
         for run in runs:
             xs, gs, vs = run.params(blocks), run.grads(blocks), second_moments[run.start : run.stop]
+            dtype = xs[0].dtype
+            if dtype in _HALF:  # in float32, as the kernels compute: eps = 1e-8 is 0 in float16, and 0 / 0 is NaN
+                xs, gs, vs = ([t.float() for t in ts] for ts in (xs, gs, vs))
             directions = _directions(gs, xs, run.weight_decay, finite)
             v_new, sigma = _sigma(vs, directions, self.beta2, inv_bc2, self.eps, path)
             steps = _div(directions, sigma, path)  # a / sigma: the step's direction, up to c
             stats[run.start : run.stop, 1:] = _sums(xs, directions, sigma, steps, run.weight_decay, path, stats)
+            if dtype in _HALF:
+                steps, v_new = [t.to(dtype) for t in steps], [t.to(dtype) for t in v_new]
             work.append((run, steps, v_new))
         numels = self._numels(blocks, filter_device, dtype)
         has_grad = F.mask_from_flags([g is not None for g in blocks.grads], filter_device)
@@ -359,6 +367,8 @@ class KoalaDiag(_KalmanOptimizer):
 
 
 # ---- tensor passes of the torch paths ("foreach": one call per run; "single": one op per tensor) ------------------
+
+_HALF = (torch.float16, torch.bfloat16)  # computed in float32 on the torch paths, stored in their own dtype
 
 
 def _norms(tensors: list[Tensor], order: float, path: F.HostPath, like: Tensor) -> Tensor:

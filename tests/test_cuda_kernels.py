@@ -126,7 +126,7 @@ def test_loss_moments_kernel(shape: tuple[int, ...], device: str) -> None:
 def test_the_step_plan_is_rebuilt_only_when_its_inputs_change(device: str) -> None:
     """The cached plan (checks, pointer table, runs) serves every step whose tensors, dtypes, sizes, layouts, lrs and
     weight decays are those it was built for, and is rebuilt, exactly as without a cache, when one of them changes."""
-    where = torch.device(device)
+    where = torch.empty(0, device=device).device  # with its index ("cuda:0"), as the optimizer's state has it
     params = [torch.randn(n, device=where) for n in (5000, 7, 300)]
     grads: list[torch.Tensor | None] = [torch.randn_like(p) for p in params]
     velocities = [torch.zeros_like(p) for p in params]

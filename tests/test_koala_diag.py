@@ -182,6 +182,28 @@ def test_float32_paths_match_the_loop(path: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["single", "foreach"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_torch_paths_stay_finite_and_learn(path: str, dtype: torch.dtype) -> None:
+    """Half-precision parameters: the direction a / sigma is formed in float32 (eps = 1e-8 is 0 in float16, where a
+    zero second moment made 0 / 0 = NaN weights at the first step), so the weights stay finite and the loss falls
+    as in float32."""
+    model = make_model(torch.float32).to(dtype)
+    opt = build(model.parameters(), path)
+    first = last = 0.0
+    for k in range(16):
+        x, y = batch(k % 2, dtype)
+        losses = nn.functional.cross_entropy(model(x).transpose(1, 2).float(), y, reduction="none")
+        opt.zero_grad()
+        losses.mean().backward()
+        opt.step(loss=losses.detach())
+        last = float(losses.detach().mean())
+        first = last if k == 0 else first
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.state[next(model.parameters())]["second_moment"].dtype == dtype
+    assert last < 0.3 * first  # (1.12 -> 0.17 in float32, float16 and bfloat16 alike)
+
+
 def test_per_token_losses_are_averaged_per_sequence() -> None:
     """A (B, T) loss gives the step of its per-sequence means: the measurement's samples are the sequences."""
     results = []
