@@ -244,11 +244,17 @@ def _renamed(function: Callable[..., Any], suffix: str) -> Callable[..., Any]:
 def _compile(function: Callable[..., Any]) -> tuple[Any, Any]:
     """A parallel and a serial compilation of one kernel.
 
-    Numba's cache keys an entry by the function's name and signature, not by `parallel`: compiled from one function,
-    whichever variant a process compiled first would be loaded for both (the serial loop for the largest calls).
+    Numba's cache keys an entry by the function's name and signature, not by its options: compiled from one function,
+    whichever variant a process compiled first would be loaded for both (the serial loop for the largest calls), so
+    each variant gets a name of its own, which also names the error model.
+
+    Division follows IEEE arithmetic (`error_model="numpy"`: inf or NaN, as in torch), not Python's: the zero-division
+    checks Python's model adds kept the serial compilations' loops from vectorising, and KoalaDiag's divisions ran
+    5-7x slower on one thread than its parallel compilations (bench/RESULTS.md, "KoalaDiag step time").
     """
-    parallel = numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)(_renamed(function, "_parallel"))
-    serial = numba.njit(fastmath=_FASTMATH, cache=True, nogil=True)(_renamed(function, "_serial"))
+    options = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": True, "nogil": True}
+    parallel = numba.njit(parallel=True, **options)(_renamed(function, "_parallel_ieee"))
+    serial = numba.njit(**options)(_renamed(function, "_serial_ieee"))
     return parallel, serial
 
 
