@@ -252,9 +252,12 @@ def _compile(function: Callable[..., Any]) -> tuple[Any, Any]:
     checks Python's model adds kept the serial compilations' loops from vectorising, and KoalaDiag's divisions ran
     5-7x slower on one thread than its parallel compilations (bench/RESULTS.md, "KoalaDiag step time").
     """
-    options = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": True, "nogil": True}
-    parallel = numba.njit(parallel=True, **options)(_renamed(function, "_parallel_ieee"))
-    serial = numba.njit(**options)(_renamed(function, "_serial_ieee"))
+    parallel = numba.njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)(
+        _renamed(function, "_parallel_ieee")
+    )
+    serial = numba.njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)(
+        _renamed(function, "_serial_ieee")
+    )
     return parallel, serial
 
 
