@@ -57,6 +57,7 @@ from service.ray_head import RayHead
 from service.recorder import close_running, optimizer_names
 from service.settings import Settings
 from service.store import ACTIVE_STATES, JobRow, Store
+from service.workload_checker import CheckerKeeper
 
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 5.0  # how often ended jobs' scratch is looked for
@@ -96,11 +97,14 @@ class Scheduler:
         self.standby: _Standby | None = None
         self._use_standby = False
         self._standby_after = 0.0
+        self.checker: CheckerKeeper | None = None
 
     def start(self) -> None:
         if self.settings.ray_head and not os.environ.get("RAY_ADDRESS"):
             self.head = RayHead(self.settings.data_dir, self._driver_env(), self.settings.ray_num_cpus)
         self._use_standby = self.settings.standby_driver
+        if self.settings.upload_checker:
+            self.checker = CheckerKeeper(self.settings.data_dir / "logs" / "workload-checker.log")
         remove_stale_standby_dirs(standby_dir(self.settings).parent)
         self._keep_standby()  # it loads its modules while the head starts
         self._thread = threading.Thread(target=self._loop, name="koala-scheduler", daemon=True)
@@ -116,6 +120,8 @@ class Scheduler:
             self._thread.join(timeout=10)
         with self._tick_lock:  # not in the middle of starting the head
             self._drop_standby()
+            if self.checker is not None:
+                self.checker.stop()
             with contextlib.suppress(OSError):
                 standby_dir(self.settings).rmdir()  # if empty
             if self.head is not None:
@@ -144,6 +150,7 @@ class Scheduler:
             if self.head is not None and not self._stopping.is_set():
                 self.head.keep()  # adopt, start or restart it, if no other process keeps it
             self._keep_standby()
+            self._keep_checker()
             self._reap()
             self.reconcile()
             self._start_queued()
@@ -280,6 +287,15 @@ class Scheduler:
             job_id, process.pid, self.host, generation=generation, grace_seconds=STARTUP_GRACE_SECONDS
         )
         log.info("job %s: %s (pid %d, generation %d)", job_id, how, process.pid, generation)
+
+    def _keep_checker(self) -> None:
+        """Have the cluster's warm checker of uploaded workloads started (service/workload_checker.py)."""
+        if self.checker is None or self._stopping.is_set():
+            return
+        head = self.head.current() if self.head is not None else None
+        address = head.address if head is not None else os.environ.get("RAY_ADDRESS")
+        attach = head.driver_env() if head is not None else {}
+        self.checker.keep(address, {**self._driver_env(), **attach})
 
     # ---- the standby driver ----------------------------------------------------------------------------------------
 

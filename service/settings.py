@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Keep an upload this long after the last job that ran it ended (or after its last use)",
     )
+    upload_checker: bool = Field(
+        default=True,
+        description="Keep a warm checker of uploaded workloads on the Ray cluster (an actor with torch loaded, about "
+        "0.5 GB), so that a fresh pack is checked in a fraction of a second instead of a new Ray worker's seconds",
+    )
     upload_check_seconds: float = Field(
         default=600.0, gt=0, description="How long checking an uploaded workload on the cluster may take (installs too)"
     )

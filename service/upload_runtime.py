@@ -81,19 +81,31 @@ def connect_with(environment: Mapping[str, Any]) -> None:
         raise WorkloadCheckError(f"cannot ship the uploaded workload to Ray: {type(error).__name__}: {error}") from None
 
 
-def check_workload(spec: JobSpec, timeout: float) -> tuple[str, dict[str, str]]:
-    """Check the job's uploaded workload in a short Ray task under the job's runtime environment (so on whichever
-    node runs it, from the pack Ray shipped there); returns the workload's default metric and the direction of each
-    of its metrics. Raises WorkloadCheckError with the reason (import error, not a Workload, bad config, unknown
-    metric)."""
+def check_workload(
+    spec: JobSpec, timeout: float, pack: bytes | None = None, limits: tuple[int, int] | None = None
+) -> tuple[str, dict[str, str]]:
+    """Check the job's uploaded workload on the cluster; returns the workload's default metric and the direction of
+    each of its metrics. Raises WorkloadCheckError with the reason (import error, not a Workload, bad config, unknown
+    metric).
+
+    Given the `pack` (and the `limits` it was accepted within: most files, most unpacked bytes) and where the cluster
+    has a warm checker (service/workload_checker.py), the check runs there, in a child forked with torch loaded;
+    otherwise in a short Ray task under the job's runtime environment (so on whichever node runs it, from the pack Ray
+    shipped there)."""
     import ray
     from ray.exceptions import GetTimeoutError, RayError, RuntimeEnvSetupError
 
+    from service import workload_checker
     from service.workload_check import inspect_workload
 
-    task = ray.remote(num_cpus=0, max_retries=0)(inspect_workload)
+    checker = workload_checker.find() if pack is not None and limits is not None else None
     submitted = time.time()
-    ref = task.remote(spec.workload, dict(spec.workload_config), spec.metric)
+    if checker is not None:
+        config = dict(spec.workload_config)
+        ref = checker.check.remote(pack, spec.workload, config, spec.metric, timeout, limits)
+    else:
+        task = ray.remote(num_cpus=0, max_retries=0)(inspect_workload)
+        ref = task.remote(spec.workload, dict(spec.workload_config), spec.metric)
     try:
         answer = ray.get(ref, timeout=timeout)
     except GetTimeoutError:
@@ -104,9 +116,12 @@ def check_workload(spec: JobSpec, timeout: float) -> tuple[str, dict[str, str]]:
     except RuntimeEnvSetupError as error:
         raise WorkloadCheckError(f"the Ray nodes could not set up the uploaded workload: {_tail(error)}") from None
     except RayError as error:
+        if checker is not None:  # the checker itself failed (its node went away, say): check the plain way
+            log.warning("the workload checker failed (%s); checking in a Ray task", _tail(error, 300))
+            return check_workload(spec, timeout)
         raise WorkloadCheckError(f"checking the uploaded workload failed: {_tail(error)}") from None
     result = _parse_answer(answer)
-    _log_timing(spec.workload, submitted, time.time(), result.get("timing"))
+    _log_timing(spec.workload, submitted, time.time(), result.get("timing"), "warm checker" if checker else "task")
     if "error" in result:
         raise WorkloadCheckError(f"the uploaded workload {spec.workload} cannot run: {result['error']}")
     return result["metric"], result["modes"]
@@ -132,7 +147,9 @@ def _parse_answer(answer: object) -> dict[str, Any]:
     raise WorkloadCheckError("the check of the uploaded workload gave an answer this driver does not understand")
 
 
-def _log_timing(workload: str, submitted: float, answered: float, timing: Mapping[str, float] | None) -> None:
+def _log_timing(
+    workload: str, submitted: float, answered: float, timing: Mapping[str, float] | None, where: str
+) -> None:
     """Where the check's seconds went, from the task's own clock readings (Unix times; on another node its clock)."""
     timing = timing or {}
     steps = [
@@ -143,7 +160,7 @@ def _log_timing(workload: str, submitted: float, answered: float, timing: Mappin
         ("answered", timing.get("imported"), answered),
     ]
     shown = ", ".join(f"{what} +{end - begin:.2f} s" for what, begin, end in steps if begin and end)
-    log.info("check of %s: %s", workload, shown or "no timing")
+    log.info("check of %s (%s): %s", workload, where, shown or "no timing")
 
 
 def _tail(error: BaseException, limit: int = 2000) -> str:
@@ -223,7 +240,9 @@ def prepare_job(store: Store, settings: Settings, spec: JobSpec, into: Path) -> 
             "workload %s passed its check before (same pack, config and versions): not checked again", spec.workload
         )
         return spec.with_checked_workload(*known)
-    metric, modes = check_workload(spec, settings.upload_check_seconds)
+    pack = Path(environment["working_dir"]).read_bytes() if "pip" not in environment else None
+    limits = (settings.max_upload_files, settings.max_upload_unpacked_bytes)
+    metric, modes = check_workload(spec, settings.upload_check_seconds, pack, limits)
     log.info("workload %s checked on the cluster in %.2f s", spec.workload, time.monotonic() - shipped)
     if key:
         remember_pass(passes, key, metric, modes)

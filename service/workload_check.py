@@ -56,3 +56,15 @@ def inspect_workload(name: str, config: dict[str, Any], metric: str | None) -> s
         return answer({"metric": str(cls.metric), "modes": modes})
     except BaseException as error:  # whatever the uploaded code raises is reported as text
         return answer({"error": f"{type(error).__name__}: {error}"})
+
+
+def check_in_directory(directory: str, name: str, config: dict[str, Any], metric: str | None, answer_to: Any) -> None:
+    """`inspect_workload` in a forked child of the warm checker (service/workload_checker.py): the unpacked pack is
+    this process's working directory and first on its import path, as Ray's `working_dir` makes it for a trial. The
+    answer goes to the `answer_to` end of a pipe as bytes (the checker never unpickles what this process sends)."""
+    import sys
+
+    os.chdir(directory)
+    sys.path.insert(0, directory)
+    answer_to.send_bytes(inspect_workload(name, config, metric).encode())
+    answer_to.close()

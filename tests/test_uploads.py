@@ -421,6 +421,13 @@ def test_an_uploaded_workload_runs_on_both_nodes_and_is_imported_only_there(
     cluster_server: tuple[LiveServer, RayNode, RayNode], tmp_path: Path
 ) -> None:
     server, head, worker = cluster_server
+    # The service keeps a warm checker on the cluster (a Ray actor forking checks from a server with torch loaded).
+    checker_log = server.data_dir / "logs" / "workload-checker.log"
+    wait_until(
+        lambda: checker_log.exists() and "workload checker warm" in checker_log.read_text(),
+        timeout=180,
+        message="the service's workload checker warm on the cluster",
+    )
     marker = tmp_path / "imported-by.jsonl"
     root = workload(tmp_path, "marked_regression", marker=marker)
     job_file = spec(
@@ -447,8 +454,9 @@ def test_an_uploaded_workload_runs_on_both_nodes_and_is_imported_only_there(
     assert report["metric"] == "val_rmse"
     assert report["direction"] == "minimize"
 
-    # The module ran where Ray unpacked the pack, on both nodes, in Ray's worker processes: never in the API process
-    # or the job's driver.
+    # The module ran where Ray unpacked the pack, on both nodes, in Ray's worker processes, and once in the warm
+    # checker's forked child, which unpacked the pack in a directory of its own: never in the API process or the job's
+    # driver.
     imports = [json.loads(line) for line in marker.read_text().splitlines()]
     store = Store(server.database_url)
     try:
@@ -461,8 +469,12 @@ def test_an_uploaded_workload_runs_on_both_nodes_and_is_imported_only_there(
     pids = {entry["pid"] for entry in imports}
     assert server.process.pid not in pids
     assert driver.driver_pid not in pids
+    checked = [entry for entry in imports if "/koala-workload-checks-" in entry["file"]]
+    assert len(checked) == 1, imports
     for entry in imports:
-        assert "/runtime_resources/working_dir_files/" in entry["file"], entry
+        assert entry in checked or "/runtime_resources/working_dir_files/" in entry["file"], entry
+    driver_log = (server.data_dir / "logs" / f"{job_id}.log").read_text()
+    assert "check of marked_regression.model:TinyRegression (warm checker)" in driver_log
     for node in (head, worker):
         assert any(f"{node.directory}/" in entry["file"] for entry in imports), (node.name, imports)
 
