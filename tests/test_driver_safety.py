@@ -38,6 +38,7 @@ from tests.helpers import (
     LONGER_DIGITS,
     Factory,
     assert_each_planned_trial_once,
+    create_token,
     driver_pid,
     state_events,
     studies_trials,
@@ -578,3 +579,259 @@ def test_a_recorders_storage_is_guarded_once(database_url: str) -> None:
     assert again.storage is recorder.storage
     assert job_study_names(recorder.storage, "wrap") == ["job-wrap/sgd"]
     storage.engine.dispose()  # type: ignore[attr-defined]
+
+
+# ---- 8. time is the database's: a driver host's skewed clock changes nothing -------------------------------------
+
+# A sitecustomize.py for the server's PYTHONPATH (its drivers inherit it): in a job driver, Python's clock runs
+# SKEW_DRIVER_SECONDS off (time.time, time.time_ns, datetime.now/utcnow/today), in `koala serve` SKEW_SERVER_SECONDS
+# off; other processes (Ray, the test) keep the host's. A host whose clock is hours off cannot be had without root.
+CLOCK_SHIM = """
+import datetime as _dt
+import importlib.abc
+import importlib.util
+import os
+import sys
+import time as _time
+
+
+def _offset():
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = f.read().split(bytes(1))
+    except OSError:
+        return 0.0
+    if b"service.worker" in argv:
+        return float(os.environ.get("SKEW_DRIVER_SECONDS", "0"))
+    if b"koala_client.cli" in argv and b"serve" in argv:
+        return float(os.environ.get("SKEW_SERVER_SECONDS", "0"))
+    return 0.0
+
+
+OFFSET = _offset()
+_Real = _dt.datetime
+
+
+class _Meta(type):
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, _Real)
+
+    def __subclasscheck__(cls, sub):
+        return issubclass(sub, _Real)
+
+
+class SkewedDatetime(_Real, metaclass=_Meta):
+    __slots__ = ()
+
+    @classmethod
+    def now(cls, tz=None):
+        return _Real.now(tz) + _dt.timedelta(seconds=OFFSET)
+
+    @classmethod
+    def utcnow(cls):
+        return _Real.utcnow() + _dt.timedelta(seconds=OFFSET)
+
+    @classmethod
+    def today(cls):
+        return cls.now()
+
+
+class _DatetimeModule:
+    def __getattr__(self, name):
+        return SkewedDatetime if name == "datetime" else getattr(_dt, name)
+
+
+class _Skewing(importlib.abc.MetaPathFinder):
+    # The service's own modules see SkewedDatetime as `datetime` (from datetime import datetime, import datetime).
+    # Replacing datetime.datetime for everyone would break extension modules that subclass it (pandas' Timestamp).
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] not in ("service", "koala", "koala_client"):
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            for key, value in list(vars(module).items()):
+                if value is _Real:
+                    setattr(module, key, SkewedDatetime)
+                elif value is _dt:
+                    setattr(module, key, _DatetimeModule())
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if OFFSET:
+    _time_time, _time_ns = _time.time, _time.time_ns
+    _time.time = lambda: _time_time() + OFFSET
+    _time.time_ns = lambda: _time_ns() + int(OFFSET * 1e9)
+    sys.meta_path.insert(0, _Skewing())
+    print(f"clock shim: this process's clock is {OFFSET:+.0f} s off (pid {os.getpid()})", file=sys.stderr, flush=True)
+"""
+
+
+@pytest_slow
+def test_a_drivers_skewed_clock_neither_kills_it_nor_dates_its_heartbeats(
+    server_factory: Factory, tmp_path: Path
+) -> None:
+    """Heartbeats are written, and staleness judged, by the database's clock: a driver whose host clock is 3 hours
+    behind (and a scheduler whose clock is 1 hour ahead) keeps its job, with heartbeats at the database's now. Were
+    either written or judged by Python's clock, the driver would be taken for dead within `stale_seconds` and
+    replaced, and its heartbeats would be hours off."""
+    shim = tmp_path / "clock-shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(CLOCK_SHIM)
+    pythonpath = os.pathsep.join(p for p in [str(shim), os.environ.get("PYTHONPATH", "")] if p)
+    skew = {"PYTHONPATH": pythonpath, "SKEW_DRIVER_SECONDS": str(-3 * 3600), "SKEW_SERVER_SECONDS": str(3600)}
+    server = server_factory(env=skew, stale_seconds=6, heartbeat_seconds=1)
+    spec = tiny_spec(epochs=10, seeds=2, workload_config=LONGER_DIGITS)
+    store = Store(server.database_url)
+    offsets: list[float] = []
+    try:
+        with server.client() as client:
+            job = client.post("/v1/jobs", json=spec).json()
+            wait_for(client, job["id"], {"running"})
+            while (current := store.get_job(job["id"])) is not None and current.state == "running":
+                # The heartbeat's distance from the database's now: within a heartbeat period (and the grace a new
+                # driver gets before its first), never hours.
+                if current.heartbeat_at is not None and current.driver_pid is not None:
+                    offsets.append((current.heartbeat_at - store.db_now()).total_seconds())
+                time.sleep(0.5)
+            done = wait_for(client, job["id"], ENDED)
+            states = state_events(client, job["id"])
+    finally:
+        store.close()
+    log = (server.data_dir / "logs" / f"{job['id']}.log").read_text()
+    # The shim did run in the driver (a standby driver says so in its own log before it takes the job), and in the
+    # server.
+    assert "this process's clock is -10800 s off" in log + (server.data_dir / "logs" / "standby.log").read_text()
+    assert "this process's clock is +3600 s off" in server.log_text()
+    assert done["state"] == "succeeded", (done, log[-3000:])
+    assert done["attempts"] == 1  # never taken for dead
+    assert [e for e in states if e["state"] == "running"] == [{"state": "running"}], states  # one start, no requeue
+    assert len(offsets) >= 10, offsets  # sampled for several stale periods
+    assert all(-10 < offset < 60 for offset in offsets), offsets  # 60: the start-up grace before a first heartbeat
+    assert_each_planned_trial_once(server.database_url, job["id"], spec)
+
+
+# ---- 9. PostgreSQL drops a running driver's connections ------------------------------------------------------------
+
+
+def tcp_ports(pid: int) -> set[int]:
+    """The local ports of the TCP sockets process `pid` holds open (from /proc: its fds, then the socket table)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+class ConnectionDropper(threading.Thread):
+    """Every `every` seconds, a burst of `burst` seconds in which PostgreSQL terminates every backend of the job's
+    driver (as an administrator's pg_terminate_backend or a server restart would), polling every 20 ms so that writes
+    in flight are cut too. Counts the backends terminated, and those cut while busy (active or in a transaction)."""
+
+    def __init__(self, database_url: str, job_id: str, every: float = 3.0, burst: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.url = sa.engine.make_url(database_url).set(drivername="postgresql").render_as_string(False)
+        self.job_id, self.every, self.burst = job_id, every, burst
+        self.stop = threading.Event()
+        self.bursts = self.terminated = self.busy = 0
+
+    def run(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as db:
+            while not self.stop.wait(self.every):
+                self.bursts += 1
+                deadline = time.monotonic() + self.burst
+                while time.monotonic() < deadline and not self.stop.is_set():
+                    row = db.execute("SELECT driver_pid FROM koala_jobs WHERE id = %s", (self.job_id,)).fetchone()
+                    ports = list(tcp_ports(row[0])) if row and row[0] else []
+                    killed = db.execute(
+                        "SELECT state, pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND client_port = ANY(%s)",
+                        (ports,),
+                    ).fetchall()
+                    self.terminated += sum(1 for _, ok in killed if ok)
+                    self.busy += sum(1 for state, ok in killed if ok and state != "idle")
+                    time.sleep(0.02)
+
+
+@pytest_slow
+@pytest.mark.postgres
+def test_a_driver_rides_out_postgresql_dropping_its_connections(postgres_url: str, server_factory: Factory) -> None:
+    """The driver's writes (heartbeats, progress, events, trial records) retry through lost connections: the job
+    succeeds at its first start, every planned trial exactly once, every epoch a trial reported kept."""
+    server = server_factory(database_url=postgres_url, stale_seconds=30, heartbeat_seconds=0.5)
+    spec = tiny_spec(epochs=6, seeds=2, workload_config=LONGER_DIGITS)
+    with server.client() as client:
+        job = client.post("/v1/jobs", json=spec).json()
+        wait_for(client, job["id"], {"running"})
+        wait_until(lambda: job_row(server, job["id"]).driver_pid is not None, 60, "no driver recorded")
+        dropper = ConnectionDropper(server.database_url, job["id"])
+        dropper.start()
+        try:
+            done = wait_for(client, job["id"], ENDED)
+        finally:
+            dropper.stop.set()
+            dropper.join()
+        trials = client.get(f"/v1/jobs/{job['id']}/trials").json()
+    log = (server.data_dir / "logs" / f"{job['id']}.log").read_text()
+    assert done["state"] == "succeeded", (done, log[-3000:])
+    assert done["attempts"] == 1
+    assert dropper.bursts >= 3, vars(dropper)
+    assert dropper.terminated >= 3, vars(dropper)
+    assert dropper.busy >= 1, vars(dropper)  # cut mid-write too, not only idle ones
+    assert "database busy while" in log  # the retries did the work
+    assert_each_planned_trial_once(server.database_url, job["id"], spec)
+    # Nothing acknowledged lost: every trial complete, with every epoch it reported.
+    assert len(trials) == 8
+    assert all(t["state"] == "complete" and t["epochs_done"] == spec["epochs"] for t in trials), trials
+    for name, found in studies_trials(server.database_url, job["id"]).items():
+        for trial in found:
+            assert sorted(trial.intermediate_values) == list(range(1, spec["epochs"] + 1)), name
+
+
+# ---- 10. the per-token running cap, through HTTP ------------------------------------------------------------------
+
+
+@pytest_slow
+def test_a_tokens_running_cap_holds_another_tokens_job_goes_ahead(server_factory: Factory) -> None:
+    """Three jobs may run at once but only one per token: Alice's second job waits while Bob's starts, and starts once
+    her first has ended (without the per-token cap all three would start together)."""
+    server = server_factory(max_concurrent_jobs=3, max_running_jobs_per_owner=1, token_cache_seconds=0)
+    alice, bob = (create_token(server, "--name", name) for name in ("alice", "bob"))
+    spec = tiny_spec(epochs=1, seeds=1, optimizers=[{"name": "sgd", "params": {"lr": 0.1}}])
+    with server.client(alice) as as_alice, server.client(bob) as as_bob:
+        a1, a2 = (as_alice.post("/v1/jobs", json={**spec, "name": n}).json() for n in ("a1", "a2"))
+        b1 = as_bob.post("/v1/jobs", json={**spec, "name": "b1"}).json()
+        wait_for(as_bob, b1["id"], {"running", *ENDED})
+        assert as_alice.get(f"/v1/jobs/{a1['id']}").json()["state"] == "running"
+        assert as_alice.get(f"/v1/jobs/{a2['id']}").json()["state"] == "queued"  # Alice is at her cap
+        done = {
+            job["id"]: wait_for(client, job["id"], ENDED)
+            for client, job in [(as_alice, a1), (as_alice, a2), (as_bob, b1)]
+        }
+    assert [done[j["id"]]["state"] for j in (a1, a2, b1)] == ["succeeded"] * 3, done
+    first, second, other = (done[j["id"]] for j in (a1, a2, b1))
+    assert second["started_at"] >= first["finished_at"]  # Alice's second started once her first ended
+    assert other["started_at"] < first["finished_at"]  # Bob's ran alongside it
