@@ -16,12 +16,14 @@ Per job, from the moment the `koala` process starts: `submitted` (it returned: p
 trial` (the driver's first trial event: the trial handed to Ray Tune, after the driver started, connected to Ray
 with the pack, and checked the workload on a node) and `first epoch` (the first trial process started, imported the
 workload and finished an epoch). The driver's log gives the upload's steps: `ship` (the pack handed to Ray), `check`
-(the check task, submitted to answered), and within the check `boot` (its worker process started to the task
-running: Python and Ray, twice, as a worker under a runtime environment starts through Ray's setup_worker) and
-`imports` (koala.workloads with torch, then the uploaded module). Configurations alternate, `--repeats` times each;
-the table shows medians.
+(submitted to answered) and within the check `boot` (its process started to the check running) and `imports`
+(koala.workloads with torch, then the uploaded module). By default the server keeps its warm checker
+(service/workload_checker.py: a child forked from a server with torch loaded, so `boot` and `imports` are near
+zero); `--no-warm-checker` measures the check as a Ray task under the job's runtime environment (a new worker:
+Python and Ray, twice, through Ray's setup_worker, then torch). Configurations alternate, `--repeats` times each; the
+table shows medians.
 
-    python bench/upload_latency.py [--sizes 1 20] [--resubmit] [--repeats 3] [--out FILE]
+    python bench/upload_latency.py [--sizes 1 20] [--resubmit] [--repeats 3] [--no-warm-checker] [--out FILE]
 """
 
 from __future__ import annotations
@@ -93,14 +95,18 @@ def koala(server: LiveServer, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def settle(server: LiveServer, timeout: float = 60.0) -> None:
+def settle(server: LiveServer, timeout: float = 180.0) -> None:
     """Wait until the server is idle as a user would find it: its standby driver (if it keeps one) is ready again
-    after the previous job took the last one."""
+    after the previous job took the last one, and its warm checker of uploaded workloads (if it keeps one) answers."""
     standby = server.data_dir / "standby"
+    checker = server.data_dir / "logs" / "workload-checker.log"
     deadline = time.monotonic() + timeout
-    while standby.is_dir() and not list(standby.glob("*/*/ready")):
+    while (standby.is_dir() and not list(standby.glob("*/*/ready"))) or (
+        server.env.get("KOALA_UPLOAD_CHECKER", "true") == "true"
+        and not (checker.exists() and "workload checker warm" in checker.read_text(errors="replace"))
+    ):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no standby driver of {server.url} was ready within {timeout:g} s")
+            raise TimeoutError(f"{server.url}: no standby driver ready or no warm checker within {timeout:g} s")
         time.sleep(0.2)
     time.sleep(1.0)
 
@@ -142,6 +148,8 @@ def run_once(server: LiveServer, spec_file: Path, workload_dir: Path | None) -> 
             timing[key] = float(found.group(1))
     if "koala" in timing and "module" in timing:
         timing["imports"] = timing.pop("koala") + timing.pop("module")
+    if "(warm checker)" in log:
+        timing["warm_checker"] = 1.0
     return timing
 
 
@@ -152,6 +160,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, help="append the results as one JSON line")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (the drivers' logs)")
+    parser.add_argument(
+        "--no-warm-checker",
+        action="store_true",
+        help="a server without the warm checker (KOALA_UPLOAD_CHECKER=false): each fresh pack checked in a Ray task",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="koala-upload-bench-"))
@@ -175,7 +188,8 @@ def main() -> None:
         cluster.add_node("b", num_cpus=1)
         data = work / "server"
         data.mkdir()
-        server = LiveServer(data, server_environment(data, env=cluster.env), cwd=work).start()
+        checker = "false" if args.no_warm_checker else "true"
+        server = LiveServer(data, server_environment(data, env=cluster.env, upload_checker=checker), cwd=work).start()
         try:
             run_once(server, installed_spec, None)  # warm-up: the nodes' first workers, the caches
             for repeat in range(args.repeats):
