@@ -52,11 +52,11 @@ class WorkloadChecker:
     def __init__(self) -> None:
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(PRELOAD)
-        self._root = Path(tempfile.mkdtemp(prefix="koala-workload-checks-"))
+        self.root = Path(tempfile.mkdtemp(prefix="koala-workload-checks-"))  # each check unpacks below it
 
     def warm_up(self) -> str:
         """One check of a built-in workload: the fork server is started and has imported torch when this returns."""
-        return self._in_child(str(self._root), "digits-mlp", {}, None, ENSURE_SECONDS)
+        return self._in_child(str(self.root), "digits-mlp", {}, None, ENSURE_SECONDS)
 
     def check(
         self,
@@ -71,7 +71,7 @@ class WorkloadChecker:
         unpacked bytes) in a forked child; the answer within `timeout` seconds, or an error saying so."""
         from service.packs import PackError, inspect_pack
 
-        directory = Path(tempfile.mkdtemp(dir=self._root))
+        directory = Path(tempfile.mkdtemp(dir=self.root))
         try:
             try:
                 inspect_pack(io.BytesIO(pack), max_files=limits[0], max_unpacked_bytes=limits[1])
