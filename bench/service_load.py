@@ -17,6 +17,7 @@ process: finding the job's studies by listing every study (the former lookup) ag
 
     python bench/service_load.py [--clients 50] [--seconds 20] [--rate 10] [--jobs 200] [--workers 1]
                                  [--history 2000] [--history-clients 5] [--history-rate 2] [--history-rounds 3]
+                                 [--server-tree DIR]
 """
 
 from __future__ import annotations
@@ -326,6 +327,12 @@ def main() -> None:
     )
     parser.add_argument("--history-rounds", type=int, default=3, help="turns each history server takes")
     parser.add_argument("--skip-load", action="store_true", help="only the history phase")
+    parser.add_argument(
+        "--server-tree",
+        type=Path,
+        help="run the servers from the code in this directory (e.g. a git worktree of an earlier commit), with this "
+        "environment's packages; default: this checkout",
+    )
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("bench/service_load.py needs the `hey` load generator: apt-get install hey")
@@ -340,6 +347,10 @@ def main() -> None:
             # One client submits everything here: lift the per-token queue cap so submits are measured, not 429s.
             "KOALA_MAX_QUEUED_JOBS_PER_OWNER": "1000000",
         }
+        if args.server_tree:
+            tree = args.server_tree.resolve()
+            env["PYTHONPATH"] = os.pathsep.join([str(tree), str(tree / "clients"), env.get("PYTHONPATH", "")])
+            os.chdir(tree)  # `python -m` puts the working directory first on the servers' sys.path
         results = []
         if not args.skip_load:
             server = LiveServer(data_dir, env).start()

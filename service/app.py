@@ -9,6 +9,7 @@ open, which is only allowed on a loopback address.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if scheduler:
             runner.start()
             sweeper.start()
+        _freeze_start_up_objects()
         yield
         if scheduler:
             sweeper.stop()
@@ -84,6 +86,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     mount_dashboard(app)
     return app
+
+
+def _freeze_start_up_objects() -> None:
+    """Move every object alive once the app has started (the modules, the workload registry's torch, the app
+    itself) out of the collector's generations. They live as long as the process, yet each full collection walked
+    them all: with torch loaded that is about 400,000 objects and 0.2-0.5 s, a pause every few thousand requests that
+    set the p99 of light reads. Afterwards a full collection walks only what requests left behind. Garbage from the
+    start-up is collected first, so none of it is kept for good."""
+    gc.collect()
+    gc.freeze()
 
 
 def _install_error_handlers(app: FastAPI) -> None:
