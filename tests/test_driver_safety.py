@@ -745,11 +745,12 @@ def tcp_ports(pid: int) -> set[int]:
 
 
 class ConnectionDropper(threading.Thread):
-    """Every `every` seconds, a burst of `burst` seconds in which PostgreSQL terminates every backend of the job's
-    driver (as an administrator's pg_terminate_backend or a server restart would), polling every 20 ms so that writes
-    in flight are cut too. Counts the backends terminated, and those cut while busy (active or in a transaction)."""
+    """A burst of `burst` seconds at once, and again `every` seconds after each, in which PostgreSQL terminates every
+    backend of the job's driver (as an administrator's pg_terminate_backend or a server restart would), polling every
+    20 ms so that writes in flight are cut too. Counts the bursts, the backends terminated, and those cut while busy
+    (active or in a transaction)."""
 
-    def __init__(self, database_url: str, job_id: str, every: float = 3.0, burst: float = 1.0) -> None:
+    def __init__(self, database_url: str, job_id: str, every: float = 1.5, burst: float = 0.75) -> None:
         super().__init__(daemon=True)
         self.url = sa.engine.make_url(database_url).set(drivername="postgresql").render_as_string(False)
         self.job_id, self.every, self.burst = job_id, every, burst
@@ -760,7 +761,7 @@ class ConnectionDropper(threading.Thread):
         import psycopg
 
         with psycopg.connect(self.url, autocommit=True) as db:
-            while not self.stop.wait(self.every):
+            while not self.stop.is_set():
                 self.bursts += 1
                 deadline = time.monotonic() + self.burst
                 while time.monotonic() < deadline and not self.stop.is_set():
@@ -774,6 +775,7 @@ class ConnectionDropper(threading.Thread):
                     self.terminated += sum(1 for _, ok in killed if ok)
                     self.busy += sum(1 for state, ok in killed if ok and state != "idle")
                     time.sleep(0.02)
+                self.stop.wait(self.every)
 
 
 @pytest_slow
@@ -798,8 +800,8 @@ def test_a_driver_rides_out_postgresql_dropping_its_connections(postgres_url: st
     log = (server.data_dir / "logs" / f"{job['id']}.log").read_text()
     assert done["state"] == "succeeded", (done, log[-3000:])
     assert done["attempts"] == 1
-    assert dropper.bursts >= 3, vars(dropper)
-    assert dropper.terminated >= 3, vars(dropper)
+    assert dropper.bursts >= 2, vars(dropper)  # (a job of 6 epochs x 2 seeds: 3-5 bursts)
+    assert dropper.terminated >= 2, vars(dropper)
     assert dropper.busy >= 1, vars(dropper)  # cut mid-write too, not only idle ones
     assert "database busy while" in log  # the retries did the work
     assert_each_planned_trial_once(server.database_url, job["id"], spec)
