@@ -295,25 +295,24 @@ if triton is not None:
             tl.store(out + 2, 0.0)
 
     @triton.jit
-    def _block_reduce_kernel(partials, table, stats, COLUMNS: tl.constexpr, REDUCE: tl.constexpr, SPAN: tl.constexpr):
-        """Per block: the sum of its tiles' partials, in tile order. SPAN >= the most tiles any block has."""
+    def _block_reduce_kernel(
+        partials, table, stats, WIDTH: tl.constexpr, COLUMNS: tl.constexpr, REDUCE: tl.constexpr, SPAN: tl.constexpr
+    ):
+        """Per block: the sum of its tiles' partials (WIDTH <= 4 per tile), in tile order; zeros for a block without
+        gradient. SPAN >= the most tiles any block has."""
         block = tl.program_id(0)
         row = table + block * COLUMNS
         first = tl.load(row + 5)
         stop = tl.load(row + COLUMNS + 5)  # the next row's first tile (the table ends with a sentinel row)
         has_grad = tl.load(row + 1) != 0  # tiles of blocks without gradient were never written
-        acc0 = tl.zeros((REDUCE,), dtype=tl.float64)
-        acc1 = tl.zeros((REDUCE,), dtype=tl.float64)
-        acc2 = tl.zeros((REDUCE,), dtype=tl.float64)
+        columns = tl.arange(0, 4)
+        acc = tl.zeros((REDUCE, 4), dtype=tl.float64)
         for start in range(0, SPAN, REDUCE):
             tiles = first + start + tl.arange(0, REDUCE)
-            mask = tiles < stop
-            acc0 += tl.load(partials + tiles * 3, mask=mask, other=0.0)
-            acc1 += tl.load(partials + tiles * 3 + 1, mask=mask, other=0.0)
-            acc2 += tl.load(partials + tiles * 3 + 2, mask=mask, other=0.0)
-        tl.store(stats + block * 3, tl.where(has_grad, tl.sum(acc0, axis=0), 0.0))
-        tl.store(stats + block * 3 + 1, tl.where(has_grad, tl.sum(acc1, axis=0), 0.0))
-        tl.store(stats + block * 3 + 2, tl.where(has_grad, tl.sum(acc2, axis=0), 0.0))
+            mask = (tiles < stop)[:, None] & (columns < WIDTH)[None, :]
+            acc += tl.load(partials + tiles[:, None] * WIDTH + columns[None, :], mask=mask, other=0.0)
+        sums = tl.sum(acc, axis=0)
+        tl.store(stats + block * WIDTH + columns, tl.where(has_grad, sums, 0.0), mask=columns < WIDTH)
 
     @triton.jit
     def _gains(
@@ -590,10 +589,18 @@ def block_stats(blocks: Blocks, lay: Layout) -> Tensor:
         )
 
     _launch_runs(blocks, lay, with_grad=True, launch=launch)
-    stats = ws.stats
+    return reduce_blocks(lay, partials, ws.stats)
+
+
+def reduce_blocks(lay: Layout, partials: Tensor, stats: Tensor) -> Tensor:
+    """`stats` (blocks, width): per block the sum of its tiles' rows of `partials` (tiles, width), width <= 4."""
+    ws = lay.workspace
     reduce = min(_REDUCE, int(triton.next_power_of_2(ws.most_tiles)))
     span = -(-ws.most_tiles // reduce) * reduce
-    _block_reduce_kernel[(len(blocks),)](partials, lay.table, stats, COLUMNS=_COLUMNS, REDUCE=reduce, SPAN=span)
+    width = partials.shape[1]
+    _block_reduce_kernel[(stats.shape[0],)](
+        partials, lay.table, stats, WIDTH=width, COLUMNS=_COLUMNS, REDUCE=reduce, SPAN=span
+    )
     return stats
 
 
@@ -715,6 +722,7 @@ __all__ = [
     "momentum_predict",
     "momentum_update",
     "plan",
+    "reduce_blocks",
     "vanilla_step",
 ]
 

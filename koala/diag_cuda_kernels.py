@@ -6,7 +6,7 @@ kernels of `koala.diag_cpu_kernels`:
 
     block sums     one pass reading g (and x with weight decay) and v: per tile sum g^2, sum sigma, sum a^2 / sigma
                    and lam/2 sum x^2, with a = g + lam x, v' = beta2 v + (1 - beta2) a^2,
-                   sigma = sqrt(v' / (1 - beta2^t)) + eps; then a per-block reduction in tile order (no atomics)
+                   sigma = sqrt(v' / (1 - beta2^t)) + eps; then the library's per-block reduction (no atomics)
     filter         one single-program kernel: R from the loss moments, the skip rule, the one innovation S, every
                    block's coefficient and the covariance, written into the optimizer's state in place
     update         one pass per run of tensors: v <- v' and x <- x - lr c_b a / sigma where block b is updated
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from koala import cuda_kernels
 from koala import functional as F
-from koala.cuda_kernels import _COLUMNS, _DTYPES, _REDUCE, TILE, Layout, _accumulator, _launch_runs, _split
+from koala.cuda_kernels import _COLUMNS, _DTYPES, TILE, Layout, _accumulator, _launch_runs, _split
 
 if cuda_kernels.AVAILABLE:
     import triton
@@ -84,23 +84,6 @@ if cuda_kernels.AVAILABLE:
         tl.store(out + 2, tl.sum(a * a / sigma, axis=0).to(tl.float64))
         xx = tl.sum(x * x, axis=0).to(tl.float64)
         tl.store(out + 3, xx * (lam_hi * 0.5) + xx * (lam_lo * 0.5))
-
-    @triton.jit
-    def _diag_reduce_kernel(partials, table, stats, COLUMNS: tl.constexpr, REDUCE: tl.constexpr, SPAN: tl.constexpr):
-        """Per block: the sum of its tiles' four partials, in tile order; zeros for a block without gradient."""
-        block = tl.program_id(0)
-        row = table + block * COLUMNS
-        first = tl.load(row + 5)
-        stop = tl.load(row + COLUMNS + 5)  # the next row's first tile (the table ends with a sentinel row)
-        has_grad = tl.load(row + 1) != 0  # tiles of blocks without gradient were never written
-        columns = tl.arange(0, 4)
-        acc = tl.zeros((REDUCE, 4), dtype=tl.float64)
-        for start in range(0, SPAN, REDUCE):
-            tiles = first + start + tl.arange(0, REDUCE)
-            mask = (tiles < stop)[:, None] & (columns < 4)[None, :]
-            acc += tl.load(partials + tiles[:, None] * 4 + columns[None, :], mask=mask, other=0.0)
-        sums = tl.sum(acc, axis=0)
-        tl.store(stats + block * 4 + columns, tl.where(has_grad, sums, 0.0))
 
     @triton.jit
     def _diag_filter_kernel(
@@ -206,9 +189,7 @@ def step(
         )  # fmt: skip
 
     _launch_runs(blocks, lay, with_grad=True, launch=launch_sums)
-    reduce = min(_REDUCE, int(triton.next_power_of_2(ws.most_tiles)))
-    span = -(-ws.most_tiles // reduce) * reduce
-    _diag_reduce_kernel[(len(blocks),)](partials, lay.table, stats, COLUMNS=_COLUMNS, REDUCE=reduce, SPAN=span)
+    cuda_kernels.reduce_blocks(lay, partials, stats)
     decay = 1.0 if noise_decay is None else noise_decay
     _diag_filter_kernel[(1,)](
         stats, moments, lay.table, state["covariance"], state["measurement_noise"], state["step"], coefficients,
